@@ -1,0 +1,259 @@
+//! The merge rule of PROTOCOL.md §5.4: field-level last-writer-wins by `timestamp`, with
+//! deletion final.
+//!
+//! Per field the record keeps the timestamp and origin of the write it holds. An incoming write
+//! wins a field when it is newer; on a tie `better-auth` beats `payload`, and between two writes
+//! of the same origin the later event wins (each origin's own order is its commit order). Event
+//! ids already applied are remembered, so a duplicate arriving out of place cannot revert a
+//! same-timestamp field; this is what makes the result independent of the interleaving.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::envelope::{EventType, Origin};
+use crate::user::{CanonicalFields, CanonicalUser, ID};
+
+/// How many applied event ids a record remembers. Duplicates older than this are caught by
+/// the dedup store; this window only has to cover reordering inside one user's backlog.
+pub const RECENT_IDS_MAX: usize = 64;
+
+/// The write a field's value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldStamp {
+    pub value: Value,
+    /// Commit time at the origin, milliseconds since the epoch.
+    pub ts: i64,
+    pub origin: Origin,
+}
+
+/// The canonical state of one user: fields with their stamps, and the tombstone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub fields: BTreeMap<String, FieldStamp>,
+    /// Set once by the first `user.deleted`; nothing lifts it (Better Auth never reuses ids).
+    pub deleted_at: Option<i64>,
+    /// Ids of the latest applied events, oldest first, at most [`RECENT_IDS_MAX`].
+    pub recent_ids: VecDeque<String>,
+}
+
+/// What applying one event did to the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// At least one canonical field changed value.
+    Changed,
+    /// Every field lost to a newer write or already held the value.
+    Unchanged,
+    /// The user was deleted by this event.
+    Deleted,
+    /// The user was already deleted; the event changes nothing.
+    AlreadyDeleted,
+    /// This event id was applied before.
+    Duplicate,
+}
+
+/// Does a write of `(ts, origin)` beat the held stamp? Same-origin ties go to the incoming
+/// write because events of one origin are applied in that origin's commit order.
+pub fn wins(ts: i64, origin: Origin, held: &FieldStamp) -> bool {
+    if ts != held.ts {
+        return ts > held.ts;
+    }
+    origin == held.origin || origin == Origin::BetterAuth
+}
+
+impl UserRecord {
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_at.is_some()
+    }
+
+    pub fn has_seen(&self, event_id: &str) -> bool {
+        self.recent_ids.iter().any(|id| id == event_id)
+    }
+
+    fn remember(&mut self, event_id: &str) {
+        if self.recent_ids.len() >= RECENT_IDS_MAX {
+            self.recent_ids.pop_front();
+        }
+        self.recent_ids.push_back(event_id.to_string());
+    }
+
+    /// Applies one event's fields (canonical names) to the record.
+    pub fn merge(
+        &mut self,
+        event_id: &str,
+        origin: Origin,
+        event_type: EventType,
+        ts: i64,
+        fields: &CanonicalFields,
+    ) -> MergeOutcome {
+        if self.has_seen(event_id) {
+            return MergeOutcome::Duplicate;
+        }
+        self.remember(event_id);
+        if self.is_deleted() {
+            return MergeOutcome::AlreadyDeleted;
+        }
+        if event_type == EventType::Deleted {
+            self.deleted_at = Some(ts);
+            // The id stays so that a deletion delivered to a side still names the user.
+            if let Some(id) = fields.get(ID) {
+                self.fields.entry(ID.to_string()).or_insert(FieldStamp {
+                    value: id.clone(),
+                    ts,
+                    origin,
+                });
+            }
+            return MergeOutcome::Deleted;
+        }
+        let mut changed = false;
+        for (name, value) in fields {
+            match self.fields.get_mut(name) {
+                Some(held) if !wins(ts, origin, held) => {}
+                Some(held) => {
+                    changed |= held.value != *value;
+                    *held = FieldStamp {
+                        value: value.clone(),
+                        ts,
+                        origin,
+                    };
+                }
+                None => {
+                    changed = true;
+                    self.fields.insert(
+                        name.clone(),
+                        FieldStamp {
+                            value: value.clone(),
+                            ts,
+                            origin,
+                        },
+                    );
+                }
+            }
+        }
+        if changed {
+            MergeOutcome::Changed
+        } else {
+            MergeOutcome::Unchanged
+        }
+    }
+
+    /// The canonical user: each field's winning value.
+    pub fn canonical(&self) -> CanonicalUser {
+        CanonicalUser {
+            fields: self.canonical_fields(),
+        }
+    }
+
+    pub fn canonical_fields(&self) -> CanonicalFields {
+        self.fields
+            .iter()
+            .map(|(name, stamp)| (name.clone(), stamp.value.clone()))
+            .collect()
+    }
+
+    /// The latest write time held by any field, or the deletion time.
+    pub fn latest_ts(&self) -> i64 {
+        let fields = self.fields.values().map(|s| s.ts).max().unwrap_or(0);
+        fields.max(self.deleted_at.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(v: Value) -> CanonicalFields {
+        match v {
+            Value::Object(m) => m.into_iter().collect(),
+            _ => CanonicalFields::new(),
+        }
+    }
+
+    #[test]
+    fn newer_write_wins_per_field() {
+        let mut r = UserRecord::default();
+        let ba = Origin::BetterAuth;
+        let pl = Origin::Payload;
+        let up = EventType::Updated;
+        r.merge("e1", ba, up, 2, &fields(json!({"id":"u","name":"A"})));
+        assert_eq!(
+            r.merge("e2", pl, up, 1, &fields(json!({"id":"u","name":"B"}))),
+            MergeOutcome::Unchanged
+        );
+        assert_eq!(r.canonical_fields()["name"], json!("A"));
+        // Different fields edited concurrently both survive.
+        r.merge("e3", pl, up, 1, &fields(json!({"id":"u","email":"p@x"})));
+        assert_eq!(r.canonical_fields()["email"], json!("p@x"));
+        assert_eq!(r.canonical_fields()["name"], json!("A"));
+    }
+
+    #[test]
+    fn ties_go_to_better_auth_and_same_origin_to_the_later_event() {
+        let mut r = UserRecord::default();
+        let up = EventType::Updated;
+        r.merge("p1", Origin::Payload, up, 5, &fields(json!({"name":"P"})));
+        r.merge(
+            "b1",
+            Origin::BetterAuth,
+            up,
+            5,
+            &fields(json!({"name":"B"})),
+        );
+        assert_eq!(r.canonical_fields()["name"], json!("B"));
+        r.merge("p2", Origin::Payload, up, 5, &fields(json!({"name":"P2"})));
+        assert_eq!(r.canonical_fields()["name"], json!("B"));
+        r.merge(
+            "b2",
+            Origin::BetterAuth,
+            up,
+            5,
+            &fields(json!({"name":"B2"})),
+        );
+        assert_eq!(r.canonical_fields()["name"], json!("B2"));
+    }
+
+    #[test]
+    fn deletion_is_final() {
+        let mut r = UserRecord::default();
+        r.merge(
+            "e1",
+            Origin::BetterAuth,
+            EventType::Created,
+            1,
+            &fields(json!({"id":"u"})),
+        );
+        assert_eq!(
+            r.merge(
+                "e2",
+                Origin::BetterAuth,
+                EventType::Deleted,
+                2,
+                &fields(json!({"id":"u"}))
+            ),
+            MergeOutcome::Deleted
+        );
+        assert_eq!(
+            r.merge(
+                "e3",
+                Origin::Payload,
+                EventType::Updated,
+                99,
+                &fields(json!({"name":"X"}))
+            ),
+            MergeOutcome::AlreadyDeleted
+        );
+        assert!(r.is_deleted());
+        assert_eq!(
+            r.merge(
+                "e3",
+                Origin::Payload,
+                EventType::Updated,
+                99,
+                &fields(json!({}))
+            ),
+            MergeOutcome::Duplicate
+        );
+    }
+}

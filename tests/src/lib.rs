@@ -1,0 +1,60 @@
+//! Helpers shared by the black-box integration tests in `tests/tests/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A Standard Webhooks secret used only by tests; it signs nothing outside them.
+pub const TEST_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The `sync-engine` binary built beside this test executable. The README's test command
+/// builds it first (`cargo build -p engine`); a missing binary fails the test loudly.
+pub fn sync_engine_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    // target/<profile>/deps/<test> -> target/<profile>/sync-engine
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join("sync-engine");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p engine` before `cargo test` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `sync-engine` command with a clean environment apart from `PATH`, so that no
+/// `SYNC_ENGINE__*` override or secret of the caller leaks in.
+pub fn sync_engine() -> Command {
+    let mut command = Command::new(sync_engine_bin());
+    command.env_clear();
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    command.current_dir(repo_root());
+    command
+}
+
+/// Both webhook secrets of the default configuration, set to [`TEST_SECRET`].
+pub fn with_default_secrets(command: &mut Command) -> &mut Command {
+    command
+        .env("PAYLOAD_WEBHOOK_SECRET", TEST_SECRET)
+        .env("BETTER_AUTH_WEBHOOK_SECRET", TEST_SECRET)
+}
+
+/// Standard output and error of a finished command, as text.
+pub fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
