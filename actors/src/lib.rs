@@ -1,3 +1,31 @@
 //! The sync engine's actors and the pure state machines inside them.
 //!
-//! Architecture Invariant: actors do no I/O except through the port traits of [`ports`].
+//! Layout:
+//! - [`ports`]: the traits through which actors reach the world (clock, entropy, event source,
+//!   dedup store, state store, HTTP transport).
+//! - [`sync`]: the per-user sync state machine, pure.
+//! - [`pipeline`]: the root supervisor and the handle to start and stop it.
+//! - [`ingest`], [`dedup`], [`router`], [`user`], [`delivery`]: the actors, in the order an
+//!   event passes them.
+//! - [`settings`], [`sink`], [`slot`], [`stats`], [`error`]: what they share.
+//!
+//! Architecture Invariant: actors do no I/O except through the port traits of [`ports`], and
+//! read no wall clock or random source except through the `Clock` and `Entropy` ports.
+
+pub mod dedup;
+pub mod delivery;
+pub mod error;
+pub mod ingest;
+pub mod pipeline;
+pub mod ports;
+pub mod router;
+pub mod settings;
+pub mod sink;
+pub mod slot;
+pub mod stats;
+pub mod sync;
+pub mod user;
+
+pub use error::PortError;
+pub use pipeline::{Pipeline, PipelineArgs};
+pub use sink::Sink;

@@ -71,7 +71,8 @@ impl UserRecord {
         self.recent_ids.iter().any(|id| id == event_id)
     }
 
-    fn remember(&mut self, event_id: &str) {
+    /// Records an applied (or recognised) event id, forgetting the oldest beyond the bound.
+    pub fn remember(&mut self, event_id: &str) {
         if self.recent_ids.len() >= RECENT_IDS_MAX {
             self.recent_ids.pop_front();
         }

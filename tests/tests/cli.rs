@@ -29,7 +29,10 @@ fn check_config_passes_on_the_repository_config() {
     let (ok, stdout, stderr) = check_config_with(Some(Path::new("config.toml")), &[]);
     assert!(ok, "stderr: {stderr}");
     assert!(stdout.contains("[targets.payload]"), "{stdout}");
-    assert!(stdout.contains("PAYLOAD_WEBHOOK_SECRET = [redacted]"), "{stdout}");
+    assert!(
+        stdout.contains("PAYLOAD_WEBHOOK_SECRET = [redacted]"),
+        "{stdout}"
+    );
     assert!(!stdout.contains(TEST_SECRET) && !stderr.contains(TEST_SECRET));
 }
 
@@ -87,10 +90,20 @@ fn explicit_missing_config_file_fails() {
 
 #[test]
 fn sign_prints_the_headers_of_a_delivery() {
-    let body = temp_config(r#"{"id":"evt_1","origin":"better-auth","type":"user.updated","timestamp":1,"data":{"id":"u1"}}"#);
+    let body = temp_config(
+        r#"{"id":"evt_1","origin":"better-auth","type":"user.updated","timestamp":1,"data":{"id":"u1"}}"#,
+    );
     let output = sync_engine()
         .env("SIGN_TEST_SECRET", TEST_SECRET)
-        .args(["sign", "--secret-env", "SIGN_TEST_SECRET", "--id", "evt_1", "--timestamp", "1700000000"])
+        .args([
+            "sign",
+            "--secret-env",
+            "SIGN_TEST_SECRET",
+            "--id",
+            "evt_1",
+            "--timestamp",
+            "1700000000",
+        ])
         .arg(body.path())
         .output()
         .expect("run sign");
@@ -111,7 +124,10 @@ fn sign_prints_the_headers_of_a_delivery() {
         "x-webhook-origin: better-auth".to_string(),
         "x-webhook-event: user.updated".to_string(),
     ] {
-        assert!(stdout.lines().any(|l| l == line), "missing {line:?} in:\n{stdout}");
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing {line:?} in:\n{stdout}"
+        );
     }
     assert!(!stdout.contains(TEST_SECRET));
 }
@@ -119,7 +135,14 @@ fn sign_prints_the_headers_of_a_delivery() {
 #[test]
 fn sign_refuses_an_unset_secret_variable() {
     let output = sync_engine()
-        .args(["sign", "--secret-env", "SIGN_TEST_UNSET", "--id", "e1", "Cargo.toml"])
+        .args([
+            "sign",
+            "--secret-env",
+            "SIGN_TEST_UNSET",
+            "--id",
+            "e1",
+            "Cargo.toml",
+        ])
         .output()
         .expect("run sign");
     assert!(!output.status.success());
@@ -128,7 +151,12 @@ fn sign_refuses_an_unset_secret_variable() {
 
 #[test]
 fn every_command_has_help() {
-    for command in [vec!["--help"], vec!["run", "--help"], vec!["check-config", "--help"], vec!["sign", "--help"]] {
+    for command in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["check-config", "--help"],
+        vec!["sign", "--help"],
+    ] {
         let output = sync_engine().args(&command).output().expect("run help");
         let (stdout, _) = text(&output);
         assert!(output.status.success(), "{command:?}");

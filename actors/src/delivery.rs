@@ -1,0 +1,233 @@
+//! The delivery actor: one per target. It signs and sends requests with at most
+//! `max_concurrency` in flight and reports each attempt's outcome to the user actor that asked.
+//!
+//! It holds no per-user state, so a crash loses nothing: the user actor's line notices the
+//! missing answer and retries.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use protocol::{EventType, Origin, UserKey};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+
+use crate::ports::{HttpRequest, Ports, TransportError};
+use crate::settings::{PipelineSettings, TargetSettings};
+use crate::sync::Known;
+use crate::user::UserMsg;
+
+/// The body text kept from a rejecting answer.
+pub const ERROR_BODY_BYTES_MAX: usize = 1024;
+
+#[derive(Debug)]
+pub struct DeliveryRequest {
+    pub key: UserKey,
+    pub side: Origin,
+    pub webhook_id: String,
+    pub event_type: EventType,
+    pub state: Known,
+    pub timestamp_ms: i64,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Identifies this attempt to the line that sent it.
+    pub token: u64,
+    pub reply: ActorRef<UserMsg>,
+}
+
+#[derive(Debug)]
+pub enum DeliveryMsg {
+    Deliver(DeliveryRequest),
+}
+
+/// How one attempt ended (PROTOCOL.md §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// 2xx, at this engine time.
+    Accepted { at_ms: i64 },
+    /// 408, 425, 429, 5xx, no connection, timeout: try again later.
+    Transient {
+        error: String,
+        retry_after: Option<std::time::Duration>,
+    },
+    /// Any other 4xx: dead-letter at once.
+    Permanent { error: String },
+}
+
+pub struct DeliveryArgs {
+    pub side: Origin,
+    pub ports: Ports,
+    pub settings: Arc<PipelineSettings>,
+}
+
+pub struct DeliveryState {
+    args: DeliveryArgs,
+    target: Arc<TargetSettings>,
+    permits: Arc<Semaphore>,
+}
+
+#[derive(Debug, Default)]
+pub struct DeliveryActor;
+
+impl Actor for DeliveryActor {
+    type Msg = DeliveryMsg;
+    type State = DeliveryState;
+    type Arguments = DeliveryArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DeliveryMsg>,
+        args: DeliveryArgs,
+    ) -> Result<DeliveryState, ActorProcessingErr> {
+        let target = args
+            .settings
+            .target(args.side)
+            .cloned()
+            .ok_or_else(|| format!("no target configured for {}", args.side))?;
+        let permits = Arc::new(Semaphore::new(target.max_concurrency.max(1)));
+        Ok(DeliveryState {
+            args,
+            target: Arc::new(target),
+            permits,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<DeliveryMsg>,
+        message: DeliveryMsg,
+        state: &mut DeliveryState,
+    ) -> Result<(), ActorProcessingErr> {
+        let DeliveryMsg::Deliver(request) = message;
+        let body = Bytes::from(render_body(&state.args.settings, &request));
+        let ports = state.args.ports.clone();
+        let target = state.target.clone();
+        let permits = state.permits.clone();
+        // Requests run concurrently, each reporting back on its own; the actor only starts
+        // them, so a slow receiver never blocks this mailbox.
+        tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let now_ms = ports.clock.now_ms();
+            let headers = protocol::delivery::headers(
+                &target.keyring,
+                &request.webhook_id,
+                request.side,
+                request.event_type,
+                &body,
+                now_ms,
+            );
+            let response = ports
+                .http
+                .post(HttpRequest {
+                    url: target.url.clone(),
+                    headers,
+                    body,
+                    timeout: target.timeout,
+                })
+                .await;
+            let outcome = classify(response, ports.clock.now_ms());
+            let _ = request.reply.cast(UserMsg::Delivered {
+                side: request.side,
+                token: request.token,
+                outcome,
+            });
+        });
+        Ok(())
+    }
+}
+
+/// The delivery body: the canonical user (or its deletion) in the target's field names.
+fn render_body(settings: &PipelineSettings, request: &DeliveryRequest) -> Vec<u8> {
+    let mapping = settings.mappings.side(request.side);
+    let data = match &request.state {
+        Known::Holds(fields) => mapping.from_canonical(fields),
+        Known::Deleted | Known::Unknown => {
+            let mut data = Map::new();
+            data.insert(
+                mapping.id_field().to_string(),
+                Value::String(request.key.as_str().to_string()),
+            );
+            data
+        }
+    };
+    protocol::delivery::body(
+        &request.webhook_id,
+        request.side,
+        request.event_type,
+        request.timestamp_ms,
+        data,
+    )
+}
+
+/// Sorts an answer into §3's classes.
+pub fn classify(
+    response: Result<crate::ports::HttpResponse, TransportError>,
+    now_ms: i64,
+) -> DeliveryOutcome {
+    match response {
+        Ok(r) if (200..300).contains(&r.status) => DeliveryOutcome::Accepted { at_ms: now_ms },
+        Ok(r) if matches!(r.status, 408 | 425 | 429) || r.status >= 500 || r.status < 400 => {
+            DeliveryOutcome::Transient {
+                error: format!("http {}: {}", r.status, r.body_prefix),
+                retry_after: r.retry_after,
+            }
+        }
+        Ok(r) => DeliveryOutcome::Permanent {
+            error: format!("http {}: {}", r.status, r.body_prefix),
+        },
+        Err(error) => DeliveryOutcome::Transient {
+            error: error.to_string(),
+            retry_after: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::HttpResponse;
+
+    fn answer(status: u16) -> Result<HttpResponse, TransportError> {
+        Ok(HttpResponse {
+            status,
+            retry_after: None,
+            body_prefix: String::new(),
+        })
+    }
+
+    #[test]
+    fn classes_of_section_3() {
+        assert!(matches!(
+            classify(answer(200), 1),
+            DeliveryOutcome::Accepted { at_ms: 1 }
+        ));
+        assert!(matches!(
+            classify(answer(204), 1),
+            DeliveryOutcome::Accepted { .. }
+        ));
+        for status in [408, 425, 429, 500, 502, 503] {
+            assert!(
+                matches!(
+                    classify(answer(status), 1),
+                    DeliveryOutcome::Transient { .. }
+                ),
+                "{status}"
+            );
+        }
+        for status in [400, 401, 403, 404, 409, 410, 422] {
+            assert!(
+                matches!(
+                    classify(answer(status), 1),
+                    DeliveryOutcome::Permanent { .. }
+                ),
+                "{status}"
+            );
+        }
+        assert!(matches!(
+            classify(Err(TransportError::Timeout), 1),
+            DeliveryOutcome::Transient { .. }
+        ));
+    }
+}

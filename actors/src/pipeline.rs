@@ -1,0 +1,296 @@
+//! The root supervisor and the handle the engine (or the simulator) drives it through.
+//!
+//! Tree: `PipelineActor` supervises one `DeliveryActor` per enabled target, the
+//! `RouterActor` (which supervises the `UserActor`s), the `DedupActor` and one `IngestActor`
+//! per sink. A failed child is started again with the same arguments and published in its
+//! [`Slot`], so the actors that talk to it reach the new one. Messages the dead child held are
+//! handed back to the source (see [`crate::ports::Incoming`]), so nothing is lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::Origin;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::dedup::{DedupActor, DedupArgs, DedupMsg};
+use crate::delivery::{DeliveryActor, DeliveryArgs, DeliveryMsg};
+use crate::ingest::{IngestActor, IngestArgs, IngestMsg};
+use crate::ports::{EventSource, Ports};
+use crate::router::{RouterActor, RouterArgs, RouterMsg};
+use crate::settings::PipelineSettings;
+use crate::sink::Sink;
+use crate::slot::Slot;
+use crate::stats::Stats;
+
+/// Restarts allowed within [`RESTART_WINDOW`] before the supervisor gives up and fails
+/// itself: a child that cannot stay up is a fault to surface, not to hide.
+pub const RESTARTS_MAX: usize = 50;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+pub struct PipelineArgs {
+    pub ports: Ports,
+    pub settings: Arc<PipelineSettings>,
+    pub sources: Vec<(Sink, Arc<dyn EventSource>)>,
+    pub stats: Arc<Stats>,
+}
+
+#[derive(Debug)]
+pub enum PipelineMsg {
+    /// Stop reading new messages (shutdown).
+    Pause,
+    /// How many user actors are alive.
+    GetActiveUsers(ractor::RpcReplyPort<usize>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Child {
+    Delivery(Origin),
+    Router,
+    Dedup,
+    Ingest(Sink),
+}
+
+pub struct PipelineState {
+    args: PipelineArgs,
+    permits: Arc<Semaphore>,
+    payload: Slot<DeliveryMsg>,
+    better_auth: Slot<DeliveryMsg>,
+    router: Slot<RouterMsg>,
+    dedup: Slot<DedupMsg>,
+    ingest: BTreeMap<Sink, ActorRef<IngestMsg>>,
+    children: BTreeMap<ActorId, Child>,
+    restarts: Vec<Instant>,
+    paused: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct PipelineActor;
+
+impl PipelineActor {
+    async fn spawn_child(
+        myself: &ActorRef<PipelineMsg>,
+        state: &mut PipelineState,
+        child: Child,
+    ) -> Result<(), ActorProcessingErr> {
+        let cell: ActorCell = myself.get_cell();
+        let ports = state.args.ports.clone();
+        let settings = state.args.settings.clone();
+        let stats = state.args.stats.clone();
+        let id = match child {
+            Child::Delivery(side) => {
+                let args = DeliveryArgs {
+                    side,
+                    ports,
+                    settings,
+                };
+                let (actor, _) = Actor::spawn_linked(None, DeliveryActor, args, cell).await?;
+                let id = actor.get_id();
+                match side {
+                    Origin::Payload => state.payload.set(actor),
+                    Origin::BetterAuth => state.better_auth.set(actor),
+                }
+                id
+            }
+            Child::Router => {
+                let args = RouterArgs {
+                    ports,
+                    settings,
+                    payload: state.payload.clone(),
+                    better_auth: state.better_auth.clone(),
+                    router: state.router.clone(),
+                    stats,
+                };
+                let (actor, _) = Actor::spawn_linked(None, RouterActor, args, cell).await?;
+                let id = actor.get_id();
+                state.router.set(actor);
+                id
+            }
+            Child::Dedup => {
+                let args = DedupArgs {
+                    ports,
+                    router: state.router.clone(),
+                    stats,
+                };
+                let (actor, _) = Actor::spawn_linked(None, DedupActor, args, cell).await?;
+                let id = actor.get_id();
+                state.dedup.set(actor);
+                id
+            }
+            Child::Ingest(sink) => {
+                let Some(source) = state
+                    .args
+                    .sources
+                    .iter()
+                    .find(|(s, _)| *s == sink)
+                    .map(|(_, source)| source.clone())
+                else {
+                    return Ok(());
+                };
+                let args = IngestArgs {
+                    sink,
+                    source,
+                    permits: state.permits.clone(),
+                    dedup: state.dedup.clone(),
+                    ports,
+                    settings,
+                    stats,
+                };
+                let (actor, _) = Actor::spawn_linked(None, IngestActor, args, cell).await?;
+                if state.paused {
+                    let _ = actor.cast(IngestMsg::Pause);
+                }
+                let id = actor.get_id();
+                state.ingest.insert(sink, actor);
+                id
+            }
+        };
+        state.children.insert(id, child);
+        Ok(())
+    }
+}
+
+impl Actor for PipelineActor {
+    type Msg = PipelineMsg;
+    type State = PipelineState;
+    type Arguments = (PipelineArgs, Arc<Semaphore>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PipelineMsg>,
+        (args, permits): (PipelineArgs, Arc<Semaphore>),
+    ) -> Result<PipelineState, ActorProcessingErr> {
+        let mut state = PipelineState {
+            args,
+            permits,
+            payload: Slot::default(),
+            better_auth: Slot::default(),
+            router: Slot::default(),
+            dedup: Slot::default(),
+            ingest: BTreeMap::new(),
+            children: BTreeMap::new(),
+            restarts: Vec::new(),
+            paused: false,
+        };
+        // Downstream first, so nothing is read before there is somewhere to send it.
+        for side in Origin::ALL {
+            if state.args.settings.target(side).is_some() {
+                Self::spawn_child(&myself, &mut state, Child::Delivery(side)).await?;
+            }
+        }
+        Self::spawn_child(&myself, &mut state, Child::Router).await?;
+        Self::spawn_child(&myself, &mut state, Child::Dedup).await?;
+        let sinks: Vec<Sink> = state.args.sources.iter().map(|(s, _)| *s).collect();
+        for sink in sinks {
+            Self::spawn_child(&myself, &mut state, Child::Ingest(sink)).await?;
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<PipelineMsg>,
+        message: PipelineMsg,
+        state: &mut PipelineState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PipelineMsg::Pause => {
+                state.paused = true;
+                for actor in state.ingest.values() {
+                    let _ = actor.cast(IngestMsg::Pause);
+                }
+            }
+            PipelineMsg::GetActiveUsers(reply) => {
+                let count = match state.router.get() {
+                    Some(router) => {
+                        ractor::call_t!(router, RouterMsg::GetActiveUsers, 5_000).unwrap_or(0)
+                    }
+                    None => 0,
+                };
+                let _ = reply.send(count);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<PipelineMsg>,
+        event: SupervisionEvent,
+        state: &mut PipelineState,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, error) = event else {
+            return Ok(());
+        };
+        let Some(child) = state.children.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        tracing::error!(message = "Pipeline actor failed; restarting it.", child = ?child, %error);
+        let now = Instant::now();
+        state
+            .restarts
+            .retain(|at| now.duration_since(*at) < RESTART_WINDOW);
+        state.restarts.push(now);
+        if state.restarts.len() > RESTARTS_MAX {
+            return Err(format!(
+                "more than {RESTARTS_MAX} actor restarts within {RESTART_WINDOW:?}; last: {child:?}: {error}"
+            )
+            .into());
+        }
+        Self::spawn_child(&myself, state, child).await
+    }
+}
+
+/// A running pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub root: ActorRef<PipelineMsg>,
+    pub handle: tokio::task::JoinHandle<()>,
+    pub stats: Arc<Stats>,
+    permits: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl Pipeline {
+    pub async fn start(args: PipelineArgs) -> Result<Pipeline, ractor::SpawnErr> {
+        let max_in_flight = args.settings.max_in_flight.max(1);
+        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let stats = args.stats.clone();
+        let (root, handle) = Actor::spawn(None, PipelineActor, (args, permits.clone())).await?;
+        Ok(Pipeline {
+            root,
+            handle,
+            stats,
+            permits,
+            max_in_flight,
+        })
+    }
+
+    /// Messages read but not yet settled.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// Stops intake, waits up to `grace` for held messages to settle, then stops every actor;
+    /// what is still unsettled is handed back to the source.
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        let _ = self.root.cast(PipelineMsg::Pause);
+        let deadline = Instant::now() + grace;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.in_flight();
+        self.root.stop(Some("shutdown".into()));
+        let _ = self.handle.await;
+        left
+    }
+
+    /// Stops every actor at once, as a crash would: nothing is settled on the way out.
+    pub async fn kill(self) {
+        self.root.kill();
+        let _ = self.handle.await;
+    }
+}

@@ -1,0 +1,239 @@
+//! The ports: the only ways the actors reach the world.
+//!
+//! Production implements them with async-nats, redis, sqlx and reqwest (`engine/src/adapters`);
+//! the simulator implements them with seeded in-memory fakes. Nothing in this crate reads a
+//! clock, a random source or a socket except through these traits.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use protocol::UserKey;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::error::PortError;
+use crate::sink::Sink;
+use crate::sync::SyncState;
+
+/// A boxed future, so that the port traits stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Wall-clock time for the timestamps the protocol carries. Timers use tokio time, which the
+/// simulator pauses and advances.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// Randomness for retry jitter.
+pub trait Entropy: Send + Sync + 'static {
+    /// A uniform value in `[0, 1)`.
+    fn unit(&self) -> f64;
+}
+
+/// How a message is settled with its source.
+pub trait Acker: Send + Sync + 'static {
+    /// The effect is durable: never deliver this message again.
+    fn ack(&self) -> BoxFuture<'_, Result<(), PortError>>;
+    /// Not processed: deliver it again after `delay`.
+    fn nak(&self, delay: Duration) -> BoxFuture<'_, Result<(), PortError>>;
+    /// Still working on it: do not redeliver yet.
+    fn progress(&self) -> BoxFuture<'_, Result<(), PortError>>;
+}
+
+/// One message from the event source, owned by whichever actor holds it until it is settled.
+///
+/// If it is dropped unsettled (an actor crashed, or shutdown gave up on it) it is nak'ed at
+/// once, so the source redelivers it without waiting for the ack deadline. Its in-flight permit
+/// is released with it, whatever happens.
+pub struct Incoming {
+    pub subject: String,
+    pub payload: Bytes,
+    /// How many times the source has delivered this message (1 on the first delivery).
+    pub delivered: u64,
+    acker: Option<Arc<dyn Acker>>,
+    settled: Arc<AtomicBool>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("subject", &self.subject)
+            .field("bytes", &self.payload.len())
+            .field("delivered", &self.delivered)
+            .finish()
+    }
+}
+
+impl Incoming {
+    pub fn new(subject: String, payload: Bytes, delivered: u64, acker: Arc<dyn Acker>) -> Self {
+        Incoming {
+            subject,
+            payload,
+            delivered,
+            acker: Some(acker),
+            settled: Arc::new(AtomicBool::new(false)),
+            _permit: None,
+        }
+    }
+
+    /// Ties one unit of `engine.max_in_flight` to this message's lifetime.
+    pub fn with_permit(mut self, permit: OwnedSemaphorePermit) -> Self {
+        self._permit = Some(permit);
+        self
+    }
+
+    /// Acknowledges and consumes the message. An ack that fails is logged: the effect is
+    /// durable already, and a redelivery will be recognised as a duplicate.
+    pub async fn ack(mut self) {
+        self.settled.store(true, Ordering::Relaxed);
+        if let Some(acker) = self.acker.take() {
+            if let Err(error) = acker.ack().await {
+                tracing::warn!(message = "Ack failed; the message may be redelivered.", %error);
+            }
+        }
+    }
+
+    /// Asks for redelivery after `delay` and consumes the message.
+    pub async fn nak(mut self, delay: Duration) {
+        self.settled.store(true, Ordering::Relaxed);
+        if let Some(acker) = self.acker.take() {
+            if let Err(error) = acker.nak(delay).await {
+                tracing::warn!(message = "Nak failed; the message comes back after ack_wait.", %error);
+            }
+        }
+    }
+
+    /// Extends the ack deadline.
+    pub async fn progress(&self) {
+        if let Some(acker) = &self.acker {
+            if let Err(error) = acker.progress().await {
+                tracing::debug!(message = "Progress ack failed.", %error);
+            }
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if self.settled.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(acker) = self.acker.take() {
+            // Dropped unsettled: hand it back now rather than after the ack deadline.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = acker.nak(Duration::ZERO).await;
+                });
+            }
+        }
+    }
+}
+
+/// Where messages come from: one durable consumer per sink.
+pub trait EventSource: Send + Sync + 'static {
+    /// Up to `max` messages; waits until at least one is available or `wait` has passed.
+    fn next_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Incoming>, PortError>>;
+}
+
+/// Remembers which event ids a sink has accepted.
+pub trait DedupStore: Send + Sync + 'static {
+    /// For each id, whether `sink` already accepted it. One round trip for the whole batch.
+    fn seen<'a>(
+        &'a self,
+        sink: Sink,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<bool>, PortError>>;
+    /// Records that `sink` accepted these ids.
+    fn mark<'a>(&'a self, sink: Sink, ids: &'a [String]) -> BoxFuture<'a, Result<(), PortError>>;
+}
+
+/// A message that could not be processed or delivered, kept for people to inspect and replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub subject: String,
+    /// The message as it arrived, byte for byte.
+    pub raw: Bytes,
+    /// A §4 reason, or `delivery_failed` / `delivery_rejected` for deliveries.
+    pub reason: String,
+    pub event_id: Option<String>,
+    /// The sink whose delivery failed, if it was a delivery.
+    pub sink: Option<String>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub received_at_ms: i64,
+}
+
+/// Durable engine state: per-user sync state and dead letters.
+pub trait StateStore: Send + Sync + 'static {
+    fn load_user<'a>(
+        &'a self,
+        key: &'a UserKey,
+    ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>>;
+    fn save_user<'a>(
+        &'a self,
+        key: &'a UserKey,
+        state: &'a SyncState,
+    ) -> BoxFuture<'a, Result<(), PortError>>;
+    fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>>;
+}
+
+/// One HTTP request of a delivery.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub url: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+    pub timeout: Duration,
+}
+
+/// What the receiver answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// `Retry-After`, when the receiver sent one (seconds or an HTTP date).
+    pub retry_after: Option<Duration>,
+    /// The first KiB of the body, for dead letters.
+    pub body_prefix: String,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("timed out")]
+    Timeout,
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+/// Sends delivery requests.
+pub trait HttpTransport: Send + Sync + 'static {
+    fn post(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, TransportError>>;
+}
+
+/// Everything an engine instance reaches the world through.
+#[derive(Clone)]
+pub struct Ports {
+    pub clock: Arc<dyn Clock>,
+    pub entropy: Arc<dyn Entropy>,
+    pub dedup: Arc<dyn DedupStore>,
+    pub store: Arc<dyn StateStore>,
+    pub http: Arc<dyn HttpTransport>,
+}
+
+impl fmt::Debug for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Ports")
+    }
+}

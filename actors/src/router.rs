@@ -1,0 +1,164 @@
+//! The router: hands each event to its user's actor, spawning it on demand, and supervises the
+//! user actors.
+//!
+//! Architecture Invariant: at most one live user actor per user key, so one user's events are
+//! applied one at a time, in arrival order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use protocol::UserKey;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use crate::delivery::DeliveryMsg;
+use crate::ingest::Routed;
+use crate::ports::Ports;
+use crate::settings::PipelineSettings;
+use crate::slot::Slot;
+use crate::stats::Stats;
+use crate::user::{UserActor, UserArgs, UserMsg};
+
+#[derive(Debug)]
+pub enum RouterMsg {
+    Route(Routed),
+    /// A user actor has had nothing to do for `user_idle_timeout` after `received` events.
+    Idle {
+        key: UserKey,
+        received: u64,
+    },
+    /// Query: how many user actors are alive.
+    GetActiveUsers(ractor::RpcReplyPort<usize>),
+}
+
+pub struct RouterArgs {
+    pub ports: Ports,
+    pub settings: Arc<PipelineSettings>,
+    pub payload: Slot<DeliveryMsg>,
+    pub better_auth: Slot<DeliveryMsg>,
+    pub router: Slot<RouterMsg>,
+    pub stats: Arc<Stats>,
+}
+
+struct UserEntry {
+    actor: ActorRef<UserMsg>,
+    /// Events sent to it; compared with what it received before letting it stop.
+    sent: u64,
+}
+
+pub struct RouterState {
+    args: RouterArgs,
+    users: BTreeMap<UserKey, UserEntry>,
+    keys: HashMap<ActorId, UserKey>,
+}
+
+#[derive(Debug, Default)]
+pub struct RouterActor;
+
+impl Actor for RouterActor {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        args: RouterArgs,
+    ) -> Result<RouterState, ActorProcessingErr> {
+        Ok(RouterState {
+            args,
+            users: BTreeMap::new(),
+            keys: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        message: RouterMsg,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RouterMsg::Route(routed) => {
+                let Some(key) = routed.event.key.clone() else {
+                    return Ok(());
+                };
+                if !state.users.contains_key(&key) {
+                    let args = UserArgs {
+                        key: key.clone(),
+                        ports: state.args.ports.clone(),
+                        settings: state.args.settings.clone(),
+                        payload: state.args.payload.clone(),
+                        better_auth: state.args.better_auth.clone(),
+                        router: state.args.router.clone(),
+                        stats: state.args.stats.clone(),
+                    };
+                    let (actor, _) =
+                        Actor::spawn_linked(None, UserActor, args, myself.get_cell()).await?;
+                    state.keys.insert(actor.get_id(), key.clone());
+                    state
+                        .users
+                        .insert(key.clone(), UserEntry { actor, sent: 0 });
+                    state
+                        .args
+                        .stats
+                        .users_active
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Some(entry) = state.users.get_mut(&key) {
+                    entry.sent += 1;
+                    // A send to an actor that just died drops the message, which hands it
+                    // back to the source.
+                    let _ = entry.actor.cast(UserMsg::Event(routed));
+                }
+            }
+            RouterMsg::Idle { key, received } => {
+                let idle = state.users.get(&key).is_some_and(|e| e.sent == received);
+                if idle {
+                    if let Some(entry) = state.users.remove(&key) {
+                        state.keys.remove(&entry.actor.get_id());
+                        state
+                            .args
+                            .stats
+                            .users_active
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        entry.actor.stop(Some("idle".into()));
+                    }
+                }
+            }
+            RouterMsg::GetActiveUsers(reply) => {
+                let _ = reply.send(state.users.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        event: SupervisionEvent,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failure) = match &event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, Some(error.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
+            _ => return Ok(()),
+        };
+        if let Some(key) = state.keys.remove(&cell.get_id()) {
+            if let Some(error) = failure {
+                // Its unsettled messages were handed back to the source when it died; the
+                // next one for this user starts a fresh actor from the stored state.
+                tracing::error!(message = "User actor failed; it restarts on the user's next event.", user = %key, %error);
+            }
+            let current = state.users.get(&key).map(|e| e.actor.get_id());
+            if current == Some(cell.get_id()) {
+                state.users.remove(&key);
+                state
+                    .args
+                    .stats
+                    .users_active
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! The per-user sync state machine (PROTOCOL.md §5.4–5.5), pure: no I/O, no clock, no actor.
+//!
+//! Sync is state-based. Per user the engine keeps the canonical record (merge of every write)
+//! and, per side, what that side is known to hold, when the engine last delivered to it, and the
+//! states delivered to it whose echo may still come back. After each event every side whose
+//! expected state differs from the canonical user is sent the canonical user, so recovery after
+//! a crash or a dead letter needs no special path: the next event for the user, or the
+//! redelivery of the unacknowledged one, sends whatever is missing.
+
+use std::collections::VecDeque;
+
+use protocol::delivery::webhook_id;
+use protocol::merge::MergeOutcome;
+use protocol::user::CanonicalFields;
+use protocol::{EventType, Origin, UserRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How many delivered states per side may still be echoed back. Older ones are forgotten;
+/// an echo of a forgotten state is taken as a write, which costs one extra delivery, not a loop.
+pub const ECHOES_DUE_MAX: usize = 16;
+
+/// What a side holds, as far as the engine knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "fields", rename_all = "snake_case")]
+pub enum Known {
+    /// Never reported, or possibly overwritten by an engine delivery (§5.5).
+    Unknown,
+    /// The side deleted the user, or accepted its deletion.
+    Deleted,
+    /// The side holds these canonical fields (at least).
+    Holds(CanonicalFields),
+}
+
+impl Known {
+    /// Equality that treats an absent field and a `null` one alike: receivers store a missing
+    /// optional field as null and report it back that way.
+    pub fn same_as(&self, other: &Known) -> bool {
+        match (self, other) {
+            (Known::Holds(a), Known::Holds(b)) => {
+                let present = |m: &CanonicalFields| -> Vec<(String, Value)> {
+                    m.iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                };
+                present(a) == present(b)
+            }
+            _ => self == other,
+        }
+    }
+}
+
+/// Per-side bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideState {
+    pub known: Known,
+    /// Engine time of the last delivery this side accepted, milliseconds since the epoch.
+    pub last_delivery_ms: Option<i64>,
+    /// States sent to this side whose echo has not come back, oldest first.
+    pub echoes_due: VecDeque<Known>,
+}
+
+impl Default for SideState {
+    fn default() -> Self {
+        SideState {
+            known: Known::Unknown,
+            last_delivery_ms: None,
+            echoes_due: VecDeque::new(),
+        }
+    }
+}
+
+/// Everything the engine keeps durable about one user.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub record: UserRecord,
+    pub better_auth: SideState,
+    pub payload: SideState,
+}
+
+/// What an event was, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Merged into the canonical user.
+    Merged(MergeOutcome),
+    /// The side reported a state the engine delivered to it: not a write.
+    Echo,
+    /// This event id was applied before.
+    Duplicate,
+}
+
+/// One delivery the state machine asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Send {
+    pub side: Origin,
+    /// The event id, or `<event id>:resync` when it goes back to the event's origin.
+    pub webhook_id: String,
+    pub event_type: EventType,
+    /// The canonical user (`Holds`) or its deletion (`Deleted`).
+    pub state: Known,
+    /// The latest write time of the canonical user.
+    pub timestamp_ms: i64,
+}
+
+/// The outcome of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub sends: Vec<Send>,
+}
+
+/// Switches that deliberately break the machine, so the simulator can prove it notices.
+/// All off in production.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Apply events as they come instead of merging by timestamp.
+    pub skip_merge: bool,
+    /// Take every event as a write, echoes included.
+    pub no_echo_suppression: bool,
+    /// Recognise an echo only against the latest delivery.
+    pub echo_last_only: bool,
+    /// Never send the canonical user back to an event's origin.
+    pub no_resync: bool,
+}
+
+/// The rules' parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// `engine.clock_skew`, in milliseconds.
+    pub clock_skew_ms: i64,
+    pub faults: Faults,
+}
+
+/// One validated event, in canonical field names.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub id: &'a str,
+    pub origin: Origin,
+    pub event_type: EventType,
+    pub timestamp_ms: i64,
+    pub fields: &'a CanonicalFields,
+}
+
+impl SyncState {
+    pub fn side(&self, side: Origin) -> &SideState {
+        match side {
+            Origin::BetterAuth => &self.better_auth,
+            Origin::Payload => &self.payload,
+        }
+    }
+
+    pub fn side_mut(&mut self, side: Origin) -> &mut SideState {
+        match side {
+            Origin::BetterAuth => &mut self.better_auth,
+            Origin::Payload => &mut self.payload,
+        }
+    }
+
+    /// The state every side should hold.
+    pub fn target_state(&self) -> Known {
+        if self.record.is_deleted() {
+            Known::Deleted
+        } else {
+            Known::Holds(self.record.canonical_fields())
+        }
+    }
+
+    /// Applies one event. `expected(side)` is the state of the last delivery already queued for
+    /// that side, if any: a side that will hold the canonical user once its queue drains is
+    /// not sent it twice.
+    pub fn on_event(
+        &mut self,
+        event: EventView<'_>,
+        policy: &Policy,
+        expected: &dyn Fn(Origin) -> Option<Known>,
+    ) -> Decision {
+        let verdict = self.classify_and_apply(event, policy);
+        let mut sends = Vec::new();
+        let target = self.target_state();
+        for side in Origin::ALL {
+            if policy.faults.no_resync && side == event.origin {
+                continue;
+            }
+            let expected = expected(side).unwrap_or_else(|| self.side(side).known.clone());
+            if expected.same_as(&target) {
+                continue;
+            }
+            let resync = side == event.origin;
+            let event_type = match (&target, resync) {
+                (Known::Deleted, _) => EventType::Deleted,
+                (_, true) => EventType::Updated,
+                (_, false) if event.event_type == EventType::Deleted => EventType::Updated,
+                (_, false) => event.event_type,
+            };
+            sends.push(Send {
+                side,
+                webhook_id: webhook_id(event.id, event.origin, side),
+                event_type,
+                state: target.clone(),
+                timestamp_ms: self.record.latest_ts(),
+            });
+        }
+        Decision { verdict, sends }
+    }
+
+    fn classify_and_apply(&mut self, event: EventView<'_>, policy: &Policy) -> Verdict {
+        if self.record.has_seen(event.id) {
+            return Verdict::Duplicate;
+        }
+        if event.event_type != EventType::Deleted
+            && !self.record.is_deleted()
+            && !policy.faults.no_echo_suppression
+            && self.take_echo(event.origin, event.fields, policy.faults.echo_last_only)
+        {
+            self.record.remember(event.id);
+            return Verdict::Echo;
+        }
+        let outcome = if policy.faults.skip_merge {
+            self.apply_blindly(event)
+        } else {
+            self.record.merge(
+                event.id,
+                event.origin,
+                event.event_type,
+                event.timestamp_ms,
+                event.fields,
+            )
+        };
+        let skew = policy.clock_skew_ms;
+        let side = self.side_mut(event.origin);
+        side.known = match (event.event_type, &side.known) {
+            (EventType::Deleted, _) => Known::Deleted,
+            (_, Known::Holds(held)) => {
+                let mut held = held.clone();
+                held.extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Known::Holds(held)
+            }
+            (_, _) => Known::Holds(event.fields.clone()),
+        };
+        let overwritten = side
+            .last_delivery_ms
+            .is_some_and(|at| event.timestamp_ms <= at.saturating_add(skew));
+        if event.event_type != EventType::Deleted && overwritten {
+            // A delivery may have landed after this write and replaced it: what the side
+            // holds now is not what it reported.
+            side.known = Known::Unknown;
+        }
+        Verdict::Merged(outcome)
+    }
+
+    /// Whether `fields` from `side` report a state the engine sent it; consumes that echo.
+    fn take_echo(&mut self, side: Origin, fields: &CanonicalFields, last_only: bool) -> bool {
+        let due = &mut self.side_mut(side).echoes_due;
+        let matches = |state: &Known| match state {
+            Known::Holds(sent) => fields
+                .iter()
+                .all(|(k, v)| sent.get(k).unwrap_or(&Value::Null) == v),
+            _ => false,
+        };
+        let found = if last_only {
+            due.back().is_some_and(matches).then(|| due.len() - 1)
+        } else {
+            due.iter().position(matches)
+        };
+        match found {
+            Some(index) => {
+                due.remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The broken variant of the merge: the last event to arrive wins every field it carries.
+    fn apply_blindly(&mut self, event: EventView<'_>) -> MergeOutcome {
+        let record = &mut self.record;
+        record.remember(event.id);
+        if record.is_deleted() {
+            return MergeOutcome::AlreadyDeleted;
+        }
+        if event.event_type == EventType::Deleted {
+            record.deleted_at = Some(event.timestamp_ms);
+            return MergeOutcome::Deleted;
+        }
+        for (name, value) in event.fields {
+            record.fields.insert(
+                name.clone(),
+                protocol::FieldStamp {
+                    value: value.clone(),
+                    ts: event.timestamp_ms,
+                    origin: event.origin,
+                },
+            );
+        }
+        MergeOutcome::Changed
+    }
+
+    /// A delivery of `state` to `side` was queued: its echo may come back from now on.
+    pub fn on_queued(&mut self, side: Origin, state: &Known) {
+        let due = &mut self.side_mut(side).echoes_due;
+        if due.len() >= ECHOES_DUE_MAX {
+            due.pop_front();
+        }
+        due.push_back(state.clone());
+    }
+
+    /// `side` accepted a delivery of `state` at engine time `now_ms`.
+    pub fn on_delivered(&mut self, side: Origin, state: &Known, now_ms: i64) {
+        let side = self.side_mut(side);
+        side.known = state.clone();
+        side.last_delivery_ms = Some(now_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,364 @@
+//! Scenarios of PROTOCOL.md §5.4–5.5 on the pure state machine.
+
+use protocol::user::CanonicalFields;
+use protocol::{EventType, Origin};
+use serde_json::{json, Value};
+
+use super::*;
+
+const BA: Origin = Origin::BetterAuth;
+const PL: Origin = Origin::Payload;
+
+fn fields(v: Value) -> CanonicalFields {
+    match v {
+        Value::Object(m) => m.into_iter().collect(),
+        _ => CanonicalFields::new(),
+    }
+}
+
+fn policy() -> Policy {
+    Policy {
+        clock_skew_ms: 500,
+        faults: Faults::default(),
+    }
+}
+
+/// A tiny driver: applies an event, queues its sends, and delivers them at once.
+struct World {
+    state: SyncState,
+    now_ms: i64,
+}
+
+impl World {
+    fn new() -> Self {
+        World {
+            state: SyncState::default(),
+            now_ms: 1_000_000,
+        }
+    }
+
+    fn event(&mut self, id: &str, origin: Origin, ty: EventType, ts: i64, f: Value) -> Decision {
+        let f = fields(f);
+        let view = EventView {
+            id,
+            origin,
+            event_type: ty,
+            timestamp_ms: ts,
+            fields: &f,
+        };
+        let decision = self.state.on_event(view, &policy(), &|_| None);
+        for send in &decision.sends {
+            self.state.on_queued(send.side, &send.state);
+        }
+        decision
+    }
+
+    fn deliver_all(&mut self, decision: &Decision) {
+        for send in &decision.sends {
+            self.now_ms += 10;
+            self.state.on_delivered(send.side, &send.state, self.now_ms);
+        }
+    }
+
+    fn name(&self) -> Value {
+        self.state
+            .record
+            .canonical_fields()
+            .get("name")
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+}
+
+fn ids(decision: &Decision) -> Vec<(Origin, String)> {
+    decision
+        .sends
+        .iter()
+        .map(|s| (s.side, s.webhook_id.clone()))
+        .collect()
+}
+
+#[test]
+fn a_new_user_goes_to_the_other_side_only() {
+    let mut w = World::new();
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    assert_eq!(ids(&d), vec![(PL, "e1".to_string())]);
+    assert_eq!(d.sends[0].event_type, EventType::Created);
+}
+
+#[test]
+fn an_older_concurrent_write_loses_and_its_origin_is_resynced() {
+    let mut w = World::new();
+    let d1 = w.event(
+        "e1",
+        BA,
+        EventType::Updated,
+        2_000,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    w.deliver_all(&d1);
+    // Payload's own edit, older than Better Auth's, arrives later (not an echo: B was never sent).
+    let d2 = w.event(
+        "e2",
+        PL,
+        EventType::Updated,
+        1_000,
+        json!({"id":"u","name":"B"}),
+    );
+    assert_eq!(w.name(), json!("A"));
+    assert_eq!(ids(&d2), vec![(PL, "e2:resync".to_string())]);
+    assert_eq!(d2.sends[0].state, w.state.target_state());
+}
+
+#[test]
+fn different_fields_edited_concurrently_both_survive() {
+    let mut w = World::new();
+    let d0 = w.event(
+        "e0",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    w.deliver_all(&d0);
+    w.event(
+        "e1",
+        BA,
+        EventType::Updated,
+        10,
+        json!({"id":"u","email":"new@x","name":"A"}),
+    );
+    w.event(
+        "e2",
+        PL,
+        EventType::Updated,
+        11,
+        json!({"id":"u","email":"a@x","name":"Z"}),
+    );
+    // Same-field: Payload's email write (t=11, value a@x) is newer than Better Auth's (t=10).
+    let canonical = w.state.record.canonical_fields();
+    assert_eq!(canonical["name"], json!("Z"));
+    assert_eq!(canonical["email"], json!("a@x"));
+}
+
+#[test]
+fn an_echo_is_not_a_write_even_after_a_later_delivery() {
+    let mut w = World::new();
+    let d1 = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    w.deliver_all(&d1);
+    let d2 = w.event(
+        "e2",
+        BA,
+        EventType::Updated,
+        2,
+        json!({"id":"u","email":"a@x","name":"C"}),
+    );
+    w.deliver_all(&d2);
+    // Payload's hook echoes the first delivery late, with a fresh timestamp.
+    let echo = w.event(
+        "p1",
+        PL,
+        EventType::Updated,
+        5_000_000,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    assert_eq!(echo.verdict, Verdict::Echo);
+    assert!(echo.sends.is_empty(), "{:?}", echo.sends);
+    assert_eq!(w.name(), json!("C"));
+    let echo2 = w.event(
+        "p2",
+        PL,
+        EventType::Updated,
+        5_000_001,
+        json!({"id":"u","email":"a@x","name":"C"}),
+    );
+    assert_eq!(echo2.verdict, Verdict::Echo);
+    assert!(echo2.sends.is_empty());
+}
+
+#[test]
+fn echo_against_the_last_delivery_only_is_the_broken_variant() {
+    let mut w = World::new();
+    let d1 = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    w.deliver_all(&d1);
+    let d2 = w.event(
+        "e2",
+        BA,
+        EventType::Updated,
+        2,
+        json!({"id":"u","email":"a@x","name":"C"}),
+    );
+    w.deliver_all(&d2);
+    let mut broken = policy();
+    broken.faults.echo_last_only = true;
+    let f = fields(json!({"id":"u","email":"a@x","name":"A"}));
+    let view = EventView {
+        id: "p1",
+        origin: PL,
+        event_type: EventType::Updated,
+        timestamp_ms: 5_000_000,
+        fields: &f,
+    };
+    let d = w.state.on_event(view, &broken, &|_| None);
+    assert_ne!(d.verdict, Verdict::Echo);
+}
+
+#[test]
+fn an_edit_overwritten_by_an_in_flight_delivery_is_resent_to_its_side() {
+    let mut w = World::new();
+    let d0 = w.event(
+        "e0",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x","name":"A0"}),
+    );
+    w.deliver_all(&d0);
+    let d1 = w.event(
+        "e1",
+        BA,
+        EventType::Updated,
+        1_000_100,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    // The delivery of A lands at Payload after Payload's own edit B and overwrites it.
+    w.now_ms = 1_000_200;
+    w.deliver_all(&d1);
+    let d2 = w.event(
+        "e2",
+        PL,
+        EventType::Updated,
+        1_000_150,
+        json!({"id":"u","email":"a@x","name":"B"}),
+    );
+    assert_eq!(w.name(), json!("B"));
+    let mut sent = ids(&d2);
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![(BA, "e2".to_string()), (PL, "e2:resync".to_string())]
+    );
+    w.deliver_all(&d2);
+    // The late echo of A changes nothing.
+    let echo = w.event(
+        "p9",
+        PL,
+        EventType::Updated,
+        1_000_300,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    assert_eq!(echo.verdict, Verdict::Echo);
+    assert!(echo.sends.is_empty());
+}
+
+#[test]
+fn deletion_is_final_and_sent_to_whoever_revives_the_user() {
+    let mut w = World::new();
+    let d0 = w.event(
+        "e0",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    w.deliver_all(&d0);
+    let del = w.event("e1", BA, EventType::Deleted, 2, json!({"id":"u"}));
+    assert_eq!(ids(&del), vec![(PL, "e1".to_string())]);
+    assert_eq!(del.sends[0].event_type, EventType::Deleted);
+    w.deliver_all(&del);
+    let revive = w.event(
+        "p1",
+        PL,
+        EventType::Updated,
+        99,
+        json!({"id":"u","email":"zombie@x"}),
+    );
+    assert!(w.state.record.is_deleted());
+    assert_eq!(ids(&revive), vec![(PL, "p1:resync".to_string())]);
+    assert_eq!(revive.sends[0].event_type, EventType::Deleted);
+}
+
+#[test]
+fn a_side_already_holding_the_canonical_user_is_sent_nothing() {
+    let mut w = World::new();
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    // Payload independently holds the same user already (reported by its own event).
+    let _ = d;
+    let same = w.event(
+        "p1",
+        PL,
+        EventType::Updated,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    assert!(same.sends.is_empty(), "{:?}", same.sends);
+}
+
+#[test]
+fn duplicates_do_nothing_twice() {
+    let mut w = World::new();
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    w.deliver_all(&d);
+    let again = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    assert_eq!(again.verdict, Verdict::Duplicate);
+    assert!(again.sends.is_empty());
+}
+
+#[test]
+fn a_redelivered_event_after_a_crash_resends_what_is_missing() {
+    let mut w = World::new();
+    // e1 merged and saved, but its delivery never happened (crash before delivery).
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    assert_eq!(d.sends.len(), 1);
+    let again = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x"}),
+    );
+    assert_eq!(again.verdict, Verdict::Duplicate);
+    assert_eq!(ids(&again), vec![(PL, "e1".to_string())]);
+}

@@ -1,0 +1,534 @@
+//! The user actor: serializes one user's events and owns that user's delivery lines.
+//!
+//! Each event is merged by the pure state machine ([`crate::sync`]), the new state is saved,
+//! and the deliveries it asks for join the user's line for each side. A line sends its head,
+//! retries it with the target's backoff, and dead-letters it after `max_attempts`; other users'
+//! lines never wait for it. A message is acknowledged only when every delivery it waits for is
+//! accepted or dead-lettered and its id is marked for its sink (PROTOCOL.md §5.1–5.3).
+//!
+//! Architecture Invariant: per (user, side) at most one delivery is in flight, and lines are
+//! sent in the order the events were applied.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use protocol::merge::MergeOutcome;
+use protocol::{Origin, UserKey};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::time::Instant;
+
+use crate::delivery::{DeliveryMsg, DeliveryOutcome, DeliveryRequest};
+use crate::ingest::Routed;
+use crate::ports::{DeadLetter, Incoming, Ports};
+use crate::router::RouterMsg;
+use crate::settings::PipelineSettings;
+use crate::sink::Sink;
+use crate::slot::Slot;
+use crate::stats::Stats;
+use crate::sync::{EventView, Send, SyncState, Verdict};
+
+#[derive(Debug)]
+pub enum UserMsg {
+    Event(Routed),
+    /// A delivery attempt finished.
+    Delivered {
+        side: Origin,
+        token: u64,
+        outcome: DeliveryOutcome,
+    },
+    /// A line's backoff is over.
+    RetryDue {
+        side: Origin,
+        token: u64,
+    },
+    /// Safety net: an attempt got no answer at all (its delivery actor died).
+    AttemptLost {
+        side: Origin,
+        token: u64,
+    },
+    /// Keep held messages alive at the source.
+    KeepAlive,
+    /// Check whether the actor has been idle for `user_idle_timeout`.
+    IdleCheck,
+}
+
+pub struct UserArgs {
+    pub key: UserKey,
+    pub ports: Ports,
+    pub settings: Arc<PipelineSettings>,
+    pub payload: Slot<DeliveryMsg>,
+    pub better_auth: Slot<DeliveryMsg>,
+    pub router: Slot<RouterMsg>,
+    pub stats: Arc<Stats>,
+}
+
+/// A delivery waiting in a line.
+struct Pending {
+    send: Send,
+    /// Held messages that are settled when this delivery is.
+    waiting: Vec<u64>,
+    attempts: u32,
+    /// The message that caused it, for the dead letter.
+    subject: String,
+    raw: Bytes,
+    event_id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Busy {
+    Idle,
+    InFlight(u64),
+    Backoff(u64),
+}
+
+struct Line {
+    queue: VecDeque<Pending>,
+    busy: Busy,
+}
+
+impl Line {
+    fn new() -> Self {
+        Line {
+            queue: VecDeque::new(),
+            busy: Busy::Idle,
+        }
+    }
+}
+
+/// A message this actor holds until its effect is durable.
+struct Held {
+    incoming: Incoming,
+    sink: Sink,
+    event_id: String,
+    /// Deliveries not yet settled.
+    waiting_on: u32,
+}
+
+pub struct UserState {
+    args: UserArgs,
+    /// Loaded from the store on the first event.
+    sync: Option<SyncState>,
+    better_auth: Line,
+    payload: Line,
+    held: BTreeMap<u64, Held>,
+    next_seq: u64,
+    next_token: u64,
+    /// Events received, reported to the router when idle.
+    received: u64,
+    last_activity: Instant,
+    idle_armed: bool,
+    keepalive_armed: bool,
+}
+
+impl UserState {
+    fn line(&mut self, side: Origin) -> &mut Line {
+        match side {
+            Origin::BetterAuth => &mut self.better_auth,
+            Origin::Payload => &mut self.payload,
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.held.is_empty() && self.better_auth.queue.is_empty() && self.payload.queue.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct UserActor;
+
+impl Actor for UserActor {
+    type Msg = UserMsg;
+    type State = UserState;
+    type Arguments = UserArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<UserMsg>,
+        args: UserArgs,
+    ) -> Result<UserState, ActorProcessingErr> {
+        // The stored state is loaded on the first event, not here: spawning must not wait
+        // for the store, or the router would.
+        Ok(UserState {
+            args,
+            sync: None,
+            better_auth: Line::new(),
+            payload: Line::new(),
+            held: BTreeMap::new(),
+            next_seq: 0,
+            next_token: 0,
+            received: 0,
+            last_activity: Instant::now(),
+            idle_armed: false,
+            keepalive_armed: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<UserMsg>,
+        message: UserMsg,
+        state: &mut UserState,
+    ) -> Result<(), ActorProcessingErr> {
+        if !matches!(message, UserMsg::IdleCheck | UserMsg::KeepAlive) {
+            state.last_activity = Instant::now();
+        }
+        match message {
+            UserMsg::Event(routed) => on_event(&myself, state, routed).await?,
+            UserMsg::Delivered {
+                side,
+                token,
+                outcome,
+            } => on_delivered(&myself, state, side, token, outcome).await?,
+            UserMsg::RetryDue { side, token } => {
+                let line = state.line(side);
+                if line.busy == Busy::Backoff(token) {
+                    line.busy = Busy::Idle;
+                    pump(&myself, state, side);
+                }
+            }
+            UserMsg::AttemptLost { side, token } => {
+                if state.line(side).busy == Busy::InFlight(token) {
+                    let outcome = DeliveryOutcome::Transient {
+                        error: "no answer from the delivery actor".into(),
+                        retry_after: None,
+                    };
+                    on_delivered(&myself, state, side, token, outcome).await?;
+                }
+            }
+            UserMsg::KeepAlive => {
+                state.keepalive_armed = false;
+                if !state.held.is_empty() {
+                    for held in state.held.values() {
+                        held.incoming.progress().await;
+                    }
+                    arm_keepalive(&myself, state);
+                }
+            }
+            UserMsg::IdleCheck => {
+                state.idle_armed = false;
+                if state.is_idle() {
+                    let timeout = state.args.settings.user_idle_timeout;
+                    let idle_for = state.last_activity.elapsed();
+                    if idle_for >= timeout {
+                        // The router stops this actor unless events are on their way to it.
+                        state.args.router.cast(RouterMsg::Idle {
+                            key: state.args.key.clone(),
+                            received: state.received,
+                        });
+                    } else {
+                        state.idle_armed = true;
+                        myself.send_after(timeout - idle_for, || UserMsg::IdleCheck);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        if state.is_idle() && !state.idle_armed {
+            state.idle_armed = true;
+            let timeout = state.args.settings.user_idle_timeout;
+            myself.send_after(timeout, || UserMsg::IdleCheck);
+        }
+        Ok(())
+    }
+}
+
+async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> {
+    if state.sync.is_none() {
+        let loaded = state.args.ports.store.load_user(&state.args.key).await?;
+        state.sync = Some(loaded.unwrap_or_default());
+    }
+    Ok(())
+}
+
+async fn on_event(
+    myself: &ActorRef<UserMsg>,
+    state: &mut UserState,
+    routed: Routed,
+) -> Result<(), ActorProcessingErr> {
+    state.received += 1;
+    let Routed {
+        sink,
+        event,
+        incoming,
+    } = routed;
+    ensure_loaded(state).await?;
+    let policy = state.args.settings.policy;
+    let seq = state.next_seq;
+    state.next_seq += 1;
+    let tails = [
+        state.better_auth.queue.back().map(|p| p.send.state.clone()),
+        state.payload.queue.back().map(|p| p.send.state.clone()),
+    ];
+    let Some(sync) = state.sync.as_mut() else {
+        return Ok(());
+    };
+    let envelope = &event.envelope;
+    let view = EventView {
+        id: &envelope.id,
+        origin: envelope.origin,
+        event_type: envelope.event_type,
+        timestamp_ms: envelope.timestamp,
+        fields: &event.fields,
+    };
+    let expected = |side: Origin| match side {
+        Origin::BetterAuth => tails[0].clone(),
+        Origin::Payload => tails[1].clone(),
+    };
+    let decision = sync.on_event(view, &policy, &expected);
+    let settings = state.args.settings.clone();
+    let sends: Vec<Send> = decision
+        .sends
+        .into_iter()
+        .filter(|s| settings.target(s.side).is_some())
+        .collect();
+    for send in &sends {
+        sync.on_queued(send.side, &send.state);
+    }
+    tracing::debug!(
+        message = "Event applied.",
+        event_id = %envelope.id,
+        user = %state.args.key,
+        %sink,
+        verdict = ?decision.verdict,
+        n_sends = sends.len(),
+    );
+    let stats = &state.args.stats;
+    match decision.verdict {
+        Verdict::Echo => Stats::add(&stats.echoes),
+        Verdict::Duplicate => Stats::add(&stats.duplicates),
+        Verdict::Merged(MergeOutcome::Unchanged) if sends.is_empty() => Stats::add(&stats.stale),
+        Verdict::Merged(_) if sends.is_empty() => Stats::add(&stats.no_ops),
+        Verdict::Merged(_) => {}
+    }
+    // Durable before anything is sent or acknowledged.
+    state
+        .args
+        .ports
+        .store
+        .save_user(&state.args.key, sync)
+        .await?;
+
+    let event_id = envelope.id.clone();
+    let subject = incoming.subject.clone();
+    let raw = incoming.payload.clone();
+    state.held.insert(
+        seq,
+        Held {
+            incoming,
+            sink,
+            event_id: event_id.clone(),
+            waiting_on: 0,
+        },
+    );
+    for send in sends {
+        let side = send.side;
+        let coalesce = settings.target(side).is_some_and(|t| t.coalesce);
+        let line = state.line(side);
+        // The head may be in flight; only a waiting tail can absorb a newer state.
+        let absorbable = line.queue.len() >= 2;
+        match line.queue.back_mut() {
+            Some(tail) if coalesce && absorbable => {
+                tail.send = send;
+                tail.waiting.push(seq);
+            }
+            _ => line.queue.push_back(Pending {
+                send,
+                waiting: vec![seq],
+                attempts: 0,
+                subject: subject.clone(),
+                raw: raw.clone(),
+                event_id: event_id.clone(),
+            }),
+        }
+        if let Some(held) = state.held.get_mut(&seq) {
+            held.waiting_on += 1;
+        }
+    }
+    if state.held.get(&seq).is_some_and(|h| h.waiting_on == 0) {
+        finalize(state, seq).await;
+    }
+    for side in Origin::ALL {
+        pump(myself, state, side);
+    }
+    arm_keepalive(myself, state);
+    Ok(())
+}
+
+/// Sends the head of a line if nothing of it is in flight or backing off.
+fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
+    let token = state.next_token;
+    let key = state.args.key.clone();
+    let slot = match side {
+        Origin::BetterAuth => state.args.better_auth.clone(),
+        Origin::Payload => state.args.payload.clone(),
+    };
+    let timeout = state
+        .args
+        .settings
+        .target(side)
+        .map(|t| t.timeout)
+        .unwrap_or(Duration::from_secs(10));
+    let line = state.line(side);
+    if line.busy != Busy::Idle {
+        return;
+    }
+    let Some(head) = line.queue.front_mut() else {
+        return;
+    };
+    head.attempts += 1;
+    let request = DeliveryRequest {
+        key,
+        side,
+        webhook_id: head.send.webhook_id.clone(),
+        event_type: head.send.event_type,
+        state: head.send.state.clone(),
+        timestamp_ms: head.send.timestamp_ms,
+        attempt: head.attempts,
+        token,
+        reply: myself.clone(),
+    };
+    line.busy = Busy::InFlight(token);
+    state.next_token += 1;
+    if !slot.cast(DeliveryMsg::Deliver(request)) {
+        // No delivery actor right now (restarting): count it as a failed attempt.
+        let _ = myself.cast(UserMsg::AttemptLost { side, token });
+        return;
+    }
+    // Generous: the transport's own timeout normally answers first.
+    myself.send_after(timeout * 2 + Duration::from_secs(5), move || {
+        UserMsg::AttemptLost { side, token }
+    });
+}
+
+async fn on_delivered(
+    myself: &ActorRef<UserMsg>,
+    state: &mut UserState,
+    side: Origin,
+    token: u64,
+    outcome: DeliveryOutcome,
+) -> Result<(), ActorProcessingErr> {
+    if state.line(side).busy != Busy::InFlight(token) {
+        return Ok(());
+    }
+    let settings = state.args.settings.clone();
+    let Some(target) = settings.target(side) else {
+        return Ok(());
+    };
+    let stats = state.args.stats.clone();
+    let sink = Sink::for_side(side);
+    let (error, permanent, retry_after) = match outcome {
+        DeliveryOutcome::Accepted { at_ms } => {
+            let Some(done) = state.line(side).queue.pop_front() else {
+                return Ok(());
+            };
+            state.line(side).busy = Busy::Idle;
+            if let Some(sync) = state.sync.as_mut() {
+                sync.on_delivered(side, &done.send.state, at_ms);
+                state
+                    .args
+                    .ports
+                    .store
+                    .save_user(&state.args.key, sync)
+                    .await?;
+            }
+            Stats::add(match side {
+                Origin::Payload => &stats.delivered_payload,
+                Origin::BetterAuth => &stats.delivered_better_auth,
+            });
+            tracing::debug!(message = "Delivered.", webhook_id = %done.send.webhook_id, user = %state.args.key, %sink, attempt = done.attempts);
+            release(state, &done.waiting).await;
+            pump(myself, state, side);
+            return Ok(());
+        }
+        DeliveryOutcome::Transient { error, retry_after } => (error, false, retry_after),
+        DeliveryOutcome::Permanent { error } => (error, true, None),
+    };
+    let Some((attempts, head_id)) = state
+        .line(side)
+        .queue
+        .front()
+        .map(|head| (head.attempts, head.send.webhook_id.clone()))
+    else {
+        return Ok(());
+    };
+    if !permanent && attempts < target.retry.max_attempts {
+        Stats::add(&stats.retries);
+        let delay = target
+            .retry
+            .delay(attempts, state.args.ports.entropy.unit(), retry_after);
+        tracing::warn!(message = "Delivery failed; retrying.", webhook_id = %head_id, user = %state.args.key, %sink, attempt = attempts, retry_in_ms = delay.as_millis() as u64, %error);
+        state.line(side).busy = Busy::Backoff(token);
+        myself.send_after(delay, move || UserMsg::RetryDue { side, token });
+        for held in state.held.values() {
+            held.incoming.progress().await;
+        }
+        return Ok(());
+    }
+    let Some(failed) = state.line(side).queue.pop_front() else {
+        return Ok(());
+    };
+    state.line(side).busy = Busy::Idle;
+    let letter = DeadLetter {
+        subject: failed.subject.clone(),
+        raw: failed.raw.clone(),
+        reason: if permanent {
+            "delivery_rejected".into()
+        } else {
+            "delivery_failed".into()
+        },
+        event_id: Some(failed.event_id.clone()),
+        sink: Some(sink.as_str().to_string()),
+        attempts,
+        last_error: Some(error.clone()),
+        received_at_ms: state.args.ports.clock.now_ms(),
+    };
+    tracing::error!(message = "Delivery dead-lettered.", webhook_id = %failed.send.webhook_id, user = %state.args.key, %sink, attempt = attempts, %error);
+    // Not durable means not acknowledged: failing here hands the messages back.
+    state.args.ports.store.dead_letter(letter).await?;
+    Stats::add(&stats.dead_letters_delivery);
+    release(state, &failed.waiting).await;
+    pump(myself, state, side);
+    Ok(())
+}
+
+/// One delivery the held messages waited for is settled.
+async fn release(state: &mut UserState, waiting: &[u64]) {
+    for seq in waiting {
+        let done = match state.held.get_mut(seq) {
+            Some(held) => {
+                held.waiting_on = held.waiting_on.saturating_sub(1);
+                held.waiting_on == 0
+            }
+            None => false,
+        };
+        if done {
+            finalize(state, *seq).await;
+        }
+    }
+}
+
+/// Marks the message's id for its sink, then acknowledges it.
+async fn finalize(state: &mut UserState, seq: u64) {
+    let Some(held) = state.held.remove(&seq) else {
+        return;
+    };
+    let ids = [held.event_id.clone()];
+    if let Err(error) = state.args.ports.dedup.mark(held.sink, &ids).await {
+        // The effect is durable and the state store remembers the id, so a redelivery is
+        // still a no-op; only the fast path is lost.
+        tracing::warn!(message = "Marking the event processed failed.", event_id = %held.event_id, %error);
+    }
+    Stats::add(&state.args.stats.acked);
+    held.incoming.ack().await;
+}
+
+fn arm_keepalive(myself: &ActorRef<UserMsg>, state: &mut UserState) {
+    if !state.held.is_empty() && !state.keepalive_armed {
+        state.keepalive_armed = true;
+        myself.send_after(state.args.settings.progress_interval(), || {
+            UserMsg::KeepAlive
+        });
+    }
+}
