@@ -11,8 +11,6 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
             /// Gauge: user actors alive.
             pub users_active: AtomicI64,
-            /// Gauge: messages held in memory.
-            pub in_flight: AtomicI64,
         }
 
         impl Stats {

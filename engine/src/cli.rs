@@ -20,6 +20,73 @@ pub enum Command {
     CheckConfig(ConfigArg),
     /// Print the headers a delivery of FILE would carry, for debugging a receiver.
     Sign(SignArgs),
+    /// Publish one well-formed event to the stream (a manual test event).
+    Publish(PublishArgs),
+    /// List, replay or purge dead letters.
+    Dlq(DlqArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Which application the event claims to come from.
+    #[arg(long, value_parser = ["better-auth", "payload"])]
+    pub origin: String,
+    /// The change.
+    #[arg(long = "type", value_parser = ["user.created", "user.updated", "user.deleted"])]
+    pub event_type: String,
+    /// The Better Auth user id.
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub email: Option<String>,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The event id; a new UUID when left out.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The commit time in milliseconds since the epoch; now when left out.
+    #[arg(long)]
+    pub timestamp: Option<i64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters again to their original subject, then remove them.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The dead letter's id (from `dlq list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters without replaying them.
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -7,7 +7,10 @@
 //! - [`commands`]: what each subcommand does.
 //! - [`telemetry`]: logging setup.
 
+pub mod adapters;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod runtime;
+pub mod server;
 pub mod telemetry;

@@ -1,5 +1,8 @@
 //! Helpers shared by the black-box integration tests in `tests/tests/`.
 
+pub mod env;
+pub mod receiver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,6 +1,9 @@
 //! One module per subcommand. Each returns an exit code; errors are printed here, once.
 
 mod check_config;
+mod dlq;
+mod publish;
+mod run;
 mod sign;
 
 use std::path::{Path, PathBuf};
@@ -11,9 +14,11 @@ use crate::config::{Config, ConfigError, Secrets};
 
 pub fn dispatch(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Run(args) => run_placeholder(&args),
+        Command::Run(args) => run::run(&args),
         Command::CheckConfig(args) => check_config::run(&args),
         Command::Sign(args) => sign::run(&args),
+        Command::Publish(args) => publish::run(&args),
+        Command::Dlq(args) => dlq::run(&args),
     };
     match result {
         Ok(code) => code,
@@ -24,10 +29,12 @@ pub fn dispatch(cli: Cli) -> ExitCode {
     }
 }
 
-fn run_placeholder(args: &ConfigArg) -> anyhow::Result<ExitCode> {
-    let (config, _secrets) = load_config(args)?;
-    crate::telemetry::init(&config.log);
-    anyhow::bail!("the pipeline is not built yet")
+/// A multi-threaded runtime for the commands that do I/O.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
 /// The file to read: the one given, else `./config.toml` when present, else none (defaults).

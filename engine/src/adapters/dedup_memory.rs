@@ -1,0 +1,157 @@
+//! The in-memory dedup store: one engine's memory of processed ids.
+//!
+//! Each id expires on its own, `ttl` after it was marked; beyond `capacity` ids the oldest are
+//! forgotten first. Both bounds keep memory flat however long the engine runs. Since every id
+//! lives for the same `ttl`, insertion order is expiry order, so one FIFO serves both.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actors::ports::{BoxFuture, Clock, DedupStore};
+use actors::{PortError, Sink};
+use dashmap::DashMap;
+
+pub struct MemoryDedup {
+    ids: DashMap<String, i64>,
+    order: Mutex<VecDeque<(String, i64)>>,
+    ttl_ms: i64,
+    capacity: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryDedup {
+    pub fn new(ttl: Duration, capacity: usize, clock: Arc<dyn Clock>) -> Self {
+        MemoryDedup {
+            ids: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            ttl_ms: ttl.as_millis().min(i64::MAX as u128) as i64,
+            capacity: capacity.max(1),
+            clock,
+        }
+    }
+
+    fn key(sink: Sink, id: &str) -> String {
+        format!("{}:{id}", sink.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn evict(&self, now_ms: i64, order: &mut VecDeque<(String, i64)>) {
+        while let Some((key, expires)) = order.front() {
+            if *expires > now_ms && order.len() <= self.capacity {
+                break;
+            }
+            // Only remove the map entry if it is this one (a re-mark keeps its newer expiry).
+            self.ids.remove_if(key, |_, at| at == expires);
+            order.pop_front();
+        }
+    }
+}
+
+impl DedupStore for MemoryDedup {
+    fn seen<'a>(
+        &'a self,
+        sink: Sink,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<bool>, PortError>> {
+        Box::pin(async move {
+            let now = self.clock.now_ms();
+            Ok(ids
+                .iter()
+                .map(|id| {
+                    self.ids
+                        .get(&Self::key(sink, id))
+                        .is_some_and(|expires| *expires > now)
+                })
+                .collect())
+        })
+    }
+
+    fn mark<'a>(&'a self, sink: Sink, ids: &'a [String]) -> BoxFuture<'a, Result<(), PortError>> {
+        Box::pin(async move {
+            let now = self.clock.now_ms();
+            let expires = now.saturating_add(self.ttl_ms);
+            let mut order = self
+                .order
+                .lock()
+                .map_err(|_| PortError::unavailable("memory dedup", "lock poisoned"))?;
+            for id in ids {
+                let key = Self::key(sink, id);
+                self.ids.insert(key.clone(), expires);
+                order.push_back((key, expires));
+            }
+            self.evict(now, &mut order);
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+
+    struct FakeClock(AtomicI64);
+    impl Clock for FakeClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn ids_expire_each_on_its_own_and_per_sink() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+        let dedup = MemoryDedup::new(Duration::from_millis(100), 10, clock.clone());
+        dedup.mark(Sink::Payload, &ids(&["a"])).await.expect("mark");
+        clock.0.store(50, Ordering::Relaxed);
+        dedup.mark(Sink::Payload, &ids(&["b"])).await.expect("mark");
+        let seen = dedup
+            .seen(Sink::Payload, &ids(&["a", "b", "c"]))
+            .await
+            .expect("seen");
+        assert_eq!(seen, vec![true, true, false]);
+        assert_eq!(
+            dedup
+                .seen(Sink::BetterAuth, &ids(&["a"]))
+                .await
+                .expect("seen"),
+            vec![false]
+        );
+        clock.0.store(120, Ordering::Relaxed);
+        let seen = dedup
+            .seen(Sink::Payload, &ids(&["a", "b"]))
+            .await
+            .expect("seen");
+        assert_eq!(seen, vec![false, true]);
+    }
+
+    #[tokio::test]
+    async fn capacity_is_a_hard_bound() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+        let dedup = MemoryDedup::new(Duration::from_secs(3600), 3, clock);
+        for i in 0..10 {
+            dedup
+                .mark(Sink::Payload, &[format!("e{i}")])
+                .await
+                .expect("mark");
+        }
+        assert_eq!(dedup.len(), 3);
+        let seen = dedup
+            .seen(Sink::Payload, &ids(&["e0", "e9"]))
+            .await
+            .expect("seen");
+        assert_eq!(seen, vec![false, true]);
+    }
+}

@@ -1,0 +1,9 @@
+//! The real implementations of the actors' ports: async-nats, redis, sqlx, reqwest, and the
+//! system clock.
+
+pub mod clock;
+pub mod dedup_memory;
+pub mod dedup_redis;
+pub mod http;
+pub mod nats;
+pub mod store;

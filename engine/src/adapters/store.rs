@@ -1,0 +1,323 @@
+//! The state store: per-user sync state and dead letters, in SQLite (embedded default) or
+//! PostgreSQL, through sqlx. Migrations run at startup.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use actors::ports::{BoxFuture, DeadLetter, StateStore};
+use actors::sync::SyncState;
+use actors::PortError;
+use bytes::Bytes;
+use protocol::UserKey;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+
+use super::clock::now_ms;
+
+#[derive(Debug, Clone)]
+pub enum SqlStore {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A stored dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub subject: String,
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+    pub reason: String,
+    pub event_id: Option<String>,
+    pub sink: Option<String>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    /// Milliseconds since the epoch.
+    pub received_at: i64,
+}
+
+impl SqlStore {
+    /// Opens the store named by `store.url` and brings its schema up to date.
+    pub async fn connect(url: &str) -> anyhow::Result<SqlStore> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|e| anyhow::anyhow!("store.url is not a usable SQLite URL: {e}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // WAL with NORMAL: a crash loses no committed transaction, only an fsync
+                // of the last ones on power loss; the unacked messages come back anyway.
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10));
+            if let Some(parent) = Path::new(options.get_filename()).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot create the folder {} for the SQLite store: {e}",
+                            parent.display()
+                        )
+                    })?;
+                }
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the SQLite store: {e}"))?;
+            sqlx::migrate!("migrations/sqlite")
+                .run(&pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot migrate the SQLite store: {e}"))?;
+            Ok(SqlStore::Sqlite(pool))
+        } else {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to the PostgreSQL store: {e}"))?;
+            sqlx::migrate!("migrations/postgres")
+                .run(&pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL store: {e}"))?;
+            Ok(SqlStore::Postgres(pool))
+        }
+    }
+
+    pub async fn ping(&self) -> bool {
+        match self {
+            SqlStore::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+            SqlStore::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
+        }
+    }
+
+    pub async fn load(&self, key: &UserKey) -> Result<Option<SyncState>, sqlx::Error> {
+        let sql = match self {
+            SqlStore::Sqlite(_) => "SELECT state FROM user_state WHERE user_key = ?",
+            SqlStore::Postgres(_) => "SELECT state FROM user_state WHERE user_key = $1",
+        };
+        let text: Option<String> = match self {
+            SqlStore::Sqlite(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(key.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query_scalar(sql)
+                    .bind(key.as_str())
+                    .fetch_optional(pool)
+                    .await?
+            }
+        };
+        match text {
+            None => Ok(None),
+            Some(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e))),
+        }
+    }
+
+    pub async fn save(&self, key: &UserKey, state: &SyncState) -> Result<(), sqlx::Error> {
+        let text = serde_json::to_string(state).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let now = now_ms();
+        match self {
+            SqlStore::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO user_state (user_key, state, updated_at) VALUES (?, ?, ?) \
+                     ON CONFLICT (user_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                )
+                .bind(key.as_str())
+                .bind(text)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+            SqlStore::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO user_state (user_key, state, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (user_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                )
+                .bind(key.as_str())
+                .bind(text)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, sqlx::Error> {
+        let attempts = letter.attempts.min(i32::MAX as u32) as i32;
+        let id: i64 = match self {
+            SqlStore::Sqlite(pool) => sqlx::query_scalar(
+                "INSERT INTO dead_letters (subject, raw, reason, event_id, sink, attempts, last_error, received_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(&letter.subject)
+            .bind(letter.raw.as_ref())
+            .bind(&letter.reason)
+            .bind(&letter.event_id)
+            .bind(&letter.sink)
+            .bind(attempts)
+            .bind(&letter.last_error)
+            .bind(letter.received_at_ms)
+            .fetch_one(pool)
+            .await?,
+            SqlStore::Postgres(pool) => sqlx::query_scalar(
+                "INSERT INTO dead_letters (subject, raw, reason, event_id, sink, attempts, last_error, received_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+            )
+            .bind(&letter.subject)
+            .bind(letter.raw.as_ref())
+            .bind(&letter.reason)
+            .bind(&letter.event_id)
+            .bind(&letter.sink)
+            .bind(attempts)
+            .bind(&letter.last_error)
+            .bind(letter.received_at_ms)
+            .fetch_one(pool)
+            .await?,
+        };
+        Ok(id)
+    }
+
+    /// Dead letters, oldest first; only `id` when given.
+    pub async fn dead_letters(&self, id: Option<i64>) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
+        const COLUMNS: &str =
+            "id, subject, raw, reason, event_id, sink, attempts, last_error, received_at";
+        let rows = match (self, id) {
+            (SqlStore::Sqlite(pool), None) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| row_sqlite(&r))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            (SqlStore::Sqlite(pool), Some(id)) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?"))
+                    .bind(id)
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| row_sqlite(&r))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            (SqlStore::Postgres(pool), None) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| row_pg(&r))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            (SqlStore::Postgres(pool), Some(id)) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
+                    .bind(id)
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| row_pg(&r))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// Deletes one dead letter, or all; returns how many went.
+    pub async fn purge_dead_letters(&self, id: Option<i64>) -> Result<u64, sqlx::Error> {
+        let done = match (self, id) {
+            (SqlStore::Sqlite(pool), None) => sqlx::query("DELETE FROM dead_letters")
+                .execute(pool)
+                .await?
+                .rows_affected(),
+            (SqlStore::Sqlite(pool), Some(id)) => {
+                sqlx::query("DELETE FROM dead_letters WHERE id = ?")
+                    .bind(id)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+            (SqlStore::Postgres(pool), None) => sqlx::query("DELETE FROM dead_letters")
+                .execute(pool)
+                .await?
+                .rows_affected(),
+            (SqlStore::Postgres(pool), Some(id)) => {
+                sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+                    .bind(id)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+        };
+        Ok(done)
+    }
+}
+
+fn row_sqlite(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRow, sqlx::Error> {
+    Ok(DeadLetterRow {
+        id: r.try_get("id")?,
+        subject: r.try_get("subject")?,
+        raw: r.try_get("raw")?,
+        reason: r.try_get("reason")?,
+        event_id: r.try_get("event_id")?,
+        sink: r.try_get("sink")?,
+        attempts: r.try_get("attempts")?,
+        last_error: r.try_get("last_error")?,
+        received_at: r.try_get("received_at")?,
+    })
+}
+
+fn row_pg(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRow, sqlx::Error> {
+    Ok(DeadLetterRow {
+        id: r.try_get("id")?,
+        subject: r.try_get("subject")?,
+        raw: r.try_get("raw")?,
+        reason: r.try_get("reason")?,
+        event_id: r.try_get("event_id")?,
+        sink: r.try_get("sink")?,
+        attempts: r.try_get("attempts")?,
+        last_error: r.try_get("last_error")?,
+        received_at: r.try_get("received_at")?,
+    })
+}
+
+fn port_error(error: sqlx::Error) -> PortError {
+    PortError::unavailable("store", error)
+}
+
+impl StateStore for SqlStore {
+    fn load_user<'a>(
+        &'a self,
+        key: &'a UserKey,
+    ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>> {
+        Box::pin(async move { self.load(key).await.map_err(port_error) })
+    }
+
+    fn save_user<'a>(
+        &'a self,
+        key: &'a UserKey,
+        state: &'a SyncState,
+    ) -> BoxFuture<'a, Result<(), PortError>> {
+        Box::pin(async move { self.save(key, state).await.map_err(port_error) })
+    }
+
+    fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>> {
+        Box::pin(async move {
+            self.add_dead_letter(&letter)
+                .await
+                .map(|_| ())
+                .map_err(port_error)
+        })
+    }
+}
+
+/// A dead letter's raw bytes for replay.
+pub fn raw_bytes(row: &DeadLetterRow) -> Bytes {
+    Bytes::from(row.raw.clone())
+}

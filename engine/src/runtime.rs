@@ -1,0 +1,188 @@
+//! Assembles a running engine from a validated configuration: store, dedup backend, NATS
+//! stream and consumers, the actor pipeline and the HTTP endpoints.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actors::ports::{DedupStore, EventSource, Ports};
+use actors::settings::{PipelineSettings, RetryPolicy, TargetSettings};
+use actors::stats::Stats;
+use actors::sync::{Faults, Policy};
+use actors::{Pipeline, PipelineArgs, Sink};
+use protocol::Origin;
+
+use crate::adapters::clock::{OsEntropy, SystemClock};
+use crate::adapters::dedup_memory::MemoryDedup;
+use crate::adapters::dedup_redis::RedisDedup;
+use crate::adapters::http::ReqwestTransport;
+use crate::adapters::nats::{self, NatsSource};
+use crate::adapters::store::SqlStore;
+use crate::config::{Config, DedupBackend, Secrets, TargetConfig};
+use crate::server::{self, ServerState};
+
+/// Messages pulled from a consumer at once.
+const FETCH_BATCH: usize = 256;
+
+/// The pipeline's settings from the configuration.
+pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings {
+    let target = |side: Origin| -> Option<TargetSettings> {
+        let (target, _) = config.targets.side(side);
+        let keyring = secrets.target(side)?.clone();
+        target.enabled.then(|| target_settings(target, keyring))
+    };
+    PipelineSettings {
+        max_in_flight: config.engine.max_in_flight,
+        user_idle_timeout: config.engine.user_idle_timeout,
+        ack_wait: config.nats.ack_wait,
+        max_message_bytes: config.nats.max_message_bytes,
+        fetch_batch: FETCH_BATCH,
+        mappings: config.mappings(),
+        policy: Policy {
+            clock_skew_ms: config.engine.clock_skew.as_millis() as i64,
+            faults: Faults::default(),
+        },
+        payload: target(Origin::Payload),
+        better_auth: target(Origin::BetterAuth),
+    }
+}
+
+fn target_settings(target: &TargetConfig, keyring: protocol::signing::Keyring) -> TargetSettings {
+    TargetSettings {
+        url: target.url.clone(),
+        keyring,
+        timeout: target.timeout,
+        max_concurrency: target.max_concurrency,
+        coalesce: target.coalesce,
+        retry: RetryPolicy {
+            initial: target.retry.initial,
+            max: target.retry.max,
+            multiplier: target.retry.multiplier,
+            jitter: target.retry.jitter,
+            max_attempts: target.retry.max_attempts,
+        },
+    }
+}
+
+/// Runs the engine until `shutdown` resolves, then drains within `engine.shutdown_grace`.
+pub async fn run(
+    config: Config,
+    secrets: Secrets,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let nats_client = nats::connect(&config.nats).await?;
+    let server = server::serve(
+        config.http.listen,
+        ServerState {
+            stats: stats.clone(),
+            ready: ready.clone(),
+            nats: Some(nats_client.clone()),
+        },
+    )
+    .await?;
+
+    let store = Arc::new(SqlStore::connect(&config.store.url).await?);
+    let clock = Arc::new(SystemClock);
+    let dedup: Arc<dyn DedupStore> = match config.dedup.backend {
+        DedupBackend::Memory => Arc::new(MemoryDedup::new(
+            config.dedup.ttl,
+            config.dedup.memory_capacity,
+            clock.clone(),
+        )),
+        DedupBackend::Redis => Arc::new(
+            RedisDedup::connect(
+                &config.dedup.redis_url,
+                &config.dedup.key_prefix,
+                config.dedup.ttl,
+            )
+            .await?,
+        ),
+    };
+    let js = async_nats::jetstream::new(nats_client.clone());
+    let stream = nats::ensure_stream(&js, &config.nats).await?;
+    let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
+    for sink in Sink::ALL {
+        let consumer =
+            nats::ensure_consumer(&stream, &config.nats, sink, config.engine.max_in_flight).await?;
+        sources.push((
+            sink,
+            Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
+        ));
+    }
+    let settings = Arc::new(pipeline_settings(&config, &secrets));
+    let max_concurrency = [Origin::Payload, Origin::BetterAuth]
+        .iter()
+        .filter_map(|s| settings.target(*s).map(|t| t.max_concurrency))
+        .max()
+        .unwrap_or(1);
+    let ports = Ports {
+        clock,
+        entropy: Arc::new(OsEntropy::default()),
+        dedup,
+        store,
+        http: Arc::new(ReqwestTransport::new(max_concurrency)?),
+    };
+    let pipeline = Pipeline::start(PipelineArgs {
+        ports,
+        settings,
+        sources,
+        stats,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot start the pipeline: {e}"))?;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        message = "Engine running.",
+        stream = %config.nats.stream,
+        listen = %config.http.listen,
+        store = %store_kind(&config.store.url),
+        dedup = ?config.dedup.backend,
+    );
+
+    shutdown.await;
+    ready.store(false, Ordering::Relaxed);
+    tracing::info!(message = "Shutting down: intake stopped, draining in-flight work.", grace = ?config.engine.shutdown_grace);
+    let left = pipeline.shutdown(config.engine.shutdown_grace).await;
+    if left > 0 {
+        tracing::warn!(
+            message = "Shutdown grace over; unfinished messages go back to NATS.",
+            n_left = left
+        );
+    }
+    let _ = nats_client.flush().await;
+    server.abort();
+    tracing::info!(message = "Stopped.");
+    Ok(())
+}
+
+fn store_kind(url: &str) -> &'static str {
+    if url.starts_with("sqlite:") {
+        "sqlite"
+    } else {
+        "postgres"
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

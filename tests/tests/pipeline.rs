@@ -1,0 +1,219 @@
+//! The sync pipeline against the real NATS JetStream, Redis, SQLite/PostgreSQL and HTTP
+//! receivers on loopback. Each test has its own stream, subjects, consumers, dedup prefix and
+//! store, so tests run in parallel without seeing each other.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use protocol::{EventType, Origin};
+use serde_json::json;
+use tests::env::{now_ms, EnvOptions, TestEnv};
+use tests::receiver::Receiver;
+use tests::TEST_SECRET;
+
+const BA: Origin = Origin::BetterAuth;
+const PL: Origin = Origin::Payload;
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn world(options: EnvOptions) -> (Receiver, Receiver, TestEnv) {
+    let payload = Receiver::start(TEST_SECRET).await;
+    let better_auth = Receiver::start(TEST_SECRET).await;
+    let env = TestEnv::new(&payload.url, &better_auth.url, options).await;
+    (payload, better_auth, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_are_delivered_signed_with_every_header() {
+    let (payload, better_auth, mut env) = world(EnvOptions::default()).await;
+    env.start_engine().await;
+    let t = now_ms();
+    env.publish(
+        "evt-ba-1",
+        BA,
+        EventType::Created,
+        t,
+        json!({"id": "u1", "email": "ada@example.com", "name": "Ada"}),
+    )
+    .await;
+    env.publish(
+        "evt-pl-1",
+        PL,
+        EventType::Updated,
+        t + 1,
+        json!({"id": 77, "betterAuthUserId": "u2", "email": "bob@example.com", "fullName": "Bob"}),
+    )
+    .await;
+    let to_payload = payload.wait_accepted(WAIT, |r| !r.is_empty()).await;
+    let to_better_auth = better_auth.wait_accepted(WAIT, |r| !r.is_empty()).await;
+
+    let d = &to_payload[0];
+    assert!(d.verified);
+    assert_eq!(d.webhook_id(), "evt-ba-1");
+    assert_eq!(d.header("x-webhook-id"), "evt-ba-1");
+    assert_eq!(d.header("content-type"), "application/json");
+    assert_eq!(d.header("x-webhook-origin"), "better-auth");
+    assert_eq!(d.header("x-webhook-event"), "user.created");
+    let secs: i64 = d.header("webhook-timestamp").parse().expect("seconds");
+    let ms: i64 = d
+        .header("x-webhook-timestamp")
+        .parse()
+        .expect("milliseconds");
+    assert_eq!(secs, ms / 1000);
+    assert!(d.header("webhook-signature").starts_with("v1,"));
+    assert_eq!(d.body["id"], "evt-ba-1");
+    assert_eq!(d.body["origin"], "better-auth");
+    assert_eq!(d.body["type"], "user.created");
+    assert_eq!(d.data("betterAuthUserId"), "u1");
+    assert_eq!(d.data("fullName"), "Ada");
+    assert_eq!(d.data("email"), "ada@example.com");
+
+    let d = &to_better_auth[0];
+    assert!(d.verified);
+    assert_eq!(d.webhook_id(), "evt-pl-1");
+    assert_eq!(d.header("x-webhook-origin"), "payload");
+    assert_eq!(d.header("x-webhook-event"), "user.updated");
+    assert_eq!(d.data("id"), "u2");
+    assert_eq!(d.data("name"), "Bob");
+    // Payload's own document id is not the user's id and never leaves Payload.
+    assert!(d.body["data"].get("betterAuthUserId").is_none());
+    assert_eq!(
+        d.body["data"].as_object().map(|o| o.len()),
+        Some(3),
+        "{}",
+        d.body
+    );
+
+    // Nothing else went anywhere: no echo to the origin, no duplicate.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(payload.received().len(), 1);
+    assert_eq!(better_auth.received().len(), 1);
+    assert!(env.stop_engine(), "engine exits 0 on SIGTERM");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_on_the_first_attempt_still_delivers_exactly_once() {
+    let (payload, _better_auth, mut env) = world(EnvOptions::default()).await;
+    let mut calls = 0;
+    payload.script(move |_| {
+        calls += 1;
+        if calls == 1 {
+            500
+        } else {
+            200
+        }
+    });
+    env.start_engine().await;
+    env.publish(
+        "evt-500",
+        BA,
+        EventType::Created,
+        now_ms(),
+        json!({"id": "u1", "email": "a@x"}),
+    )
+    .await;
+    payload.wait_accepted(WAIT, |r| !r.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let all = payload.received();
+    assert_eq!(all.len(), 2, "one failed attempt, one success");
+    assert_eq!(all[0].status, 500);
+    assert_eq!(payload.accepted().len(), 1);
+    assert!(all.iter().all(|r| r.webhook_id() == "evt-500"));
+    assert!(env.dead_letters().is_empty());
+    env.cleanup().await;
+}
+
+async fn same_id_twice_is_delivered_once(dedup_redis: bool) {
+    let (payload, _better_auth, mut env) = world(EnvOptions {
+        dedup_redis,
+        ..EnvOptions::default()
+    })
+    .await;
+    env.start_engine().await;
+    let t = now_ms();
+    let body = json!({"id": "dup-1", "origin": "better-auth", "type": "user.created", "timestamp": t,
+                      "data": {"id": "u1", "email": "a@x"}});
+    let subject = env.subject(BA, EventType::Created, "u1");
+    let bytes = serde_json::to_vec(&body).expect("json");
+    env.publish_raw(&subject, "nats-id-a", bytes.clone()).await;
+    payload.wait_accepted(WAIT, |r| !r.is_empty()).await;
+    // The same event republished later, under another Nats-Msg-Id so JetStream keeps it.
+    env.publish_raw(&subject, "nats-id-b", bytes).await;
+    // A later event proves the duplicate was consumed before it.
+    env.publish(
+        "after-dup",
+        BA,
+        EventType::Updated,
+        t + 5,
+        json!({"id": "u1", "email": "b@x"}),
+    )
+    .await;
+    let accepted = payload
+        .wait_accepted(WAIT, |r| r.iter().any(|d| d.webhook_id() == "after-dup"))
+        .await;
+    let ids: Vec<&str> = accepted.iter().map(|r| r.webhook_id()).collect();
+    assert_eq!(ids, vec!["dup-1", "after-dup"]);
+    assert_eq!(env.metric("sync_engine_duplicates_total").await, 1.0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_event_id_twice_is_delivered_once_with_memory_dedup() {
+    same_id_twice_is_delivered_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_event_id_twice_is_delivered_once_with_redis_dedup() {
+    same_id_twice_is_delivered_once(true).await;
+}
+
+/// Per user, the `seq` values a receiver accepted, in arrival order.
+fn sequences(accepted: &[tests::receiver::Received], id_field: &str) -> BTreeMap<String, Vec<i64>> {
+    let mut per_user: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in accepted {
+        let user = r.data(id_field).as_str().unwrap_or_default().to_string();
+        let seq = r.data("seq").as_i64().unwrap_or(-1);
+        per_user.entry(user).or_default().push(seq);
+    }
+    per_user
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_users_twenty_interleaved_events_each_arrive_in_order() {
+    const USERS: i64 = 1000;
+    const EVENTS: i64 = 20;
+    let (payload, _better_auth, mut env) = world(EnvOptions::default()).await;
+    env.start_engine().await;
+    let t0 = now_ms();
+    let mut messages = Vec::new();
+    for k in 0..EVENTS {
+        for u in 0..USERS {
+            let id = format!("e-{u}-{k}");
+            let body = json!({"id": id, "origin": "better-auth", "type": "user.updated", "timestamp": t0 + k,
+                              "data": {"id": format!("u{u}"), "email": format!("u{u}@x"), "seq": k}});
+            messages.push((
+                env.subject(BA, EventType::Updated, &format!("u{u}")),
+                id,
+                serde_json::to_vec(&body).expect("json"),
+            ));
+        }
+    }
+    env.publish_many(messages).await;
+    let total = (USERS * EVENTS) as usize;
+    let accepted = payload
+        .wait_accepted(Duration::from_secs(180), |r| r.len() >= total)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(payload.accepted().len(), total, "no duplicates");
+    let per_user = sequences(&accepted, "betterAuthUserId");
+    assert_eq!(per_user.len(), USERS as usize);
+    let violations: usize = per_user
+        .values()
+        .map(|seqs| seqs.windows(2).filter(|w| w[1] <= w[0]).count())
+        .sum();
+    assert_eq!(violations, 0, "per-user order violations");
+    for seqs in per_user.values() {
+        assert_eq!(seqs, &(0..EVENTS).collect::<Vec<_>>());
+    }
+    env.cleanup().await;
+}
