@@ -104,6 +104,9 @@ struct Held {
     event_id: String,
     /// Deliveries not yet settled.
     waiting_on: u32,
+    /// A delivery it waited for was dead-lettered: its id must not count as processed, or a
+    /// replay of the dead letter would be skipped as a duplicate.
+    dead_lettered: bool,
 }
 
 pub struct UserState {
@@ -320,6 +323,7 @@ async fn on_event(
             sink,
             event_id: event_id.clone(),
             waiting_on: 0,
+            dead_lettered: false,
         },
     );
     for send in sends {
@@ -438,7 +442,7 @@ async fn on_delivered(
                 Origin::BetterAuth => &stats.delivered_better_auth,
             });
             tracing::debug!(message = "Delivered.", webhook_id = %done.send.webhook_id, user = %state.args.key, %sink, attempt = done.attempts);
-            release(state, &done.waiting).await;
+            release(state, &done.waiting, true).await;
             pump(myself, state, side);
             return Ok(());
         }
@@ -488,16 +492,17 @@ async fn on_delivered(
     // Not durable means not acknowledged: failing here hands the messages back.
     state.args.ports.store.dead_letter(letter).await?;
     Stats::add(&stats.dead_letters_delivery);
-    release(state, &failed.waiting).await;
+    release(state, &failed.waiting, false).await;
     pump(myself, state, side);
     Ok(())
 }
 
-/// One delivery the held messages waited for is settled.
-async fn release(state: &mut UserState, waiting: &[u64]) {
+/// One delivery the held messages waited for is settled: `accepted`, or dead-lettered.
+async fn release(state: &mut UserState, waiting: &[u64], accepted: bool) {
     for seq in waiting {
         let done = match state.held.get_mut(seq) {
             Some(held) => {
+                held.dead_lettered |= !accepted;
                 held.waiting_on = held.waiting_on.saturating_sub(1);
                 held.waiting_on == 0
             }
@@ -509,12 +514,18 @@ async fn release(state: &mut UserState, waiting: &[u64]) {
     }
 }
 
-/// Marks the message's id for its sink, then acknowledges it.
+/// Marks the message's id for its sink (unless a delivery of it was dead-lettered), then
+/// acknowledges it.
 async fn finalize(state: &mut UserState, seq: u64) {
     let Some(held) = state.held.remove(&seq) else {
         return;
     };
     let ids = [held.event_id.clone()];
+    if held.dead_lettered {
+        Stats::add(&state.args.stats.acked);
+        held.incoming.ack().await;
+        return;
+    }
     if let Err(error) = state.args.ports.dedup.mark(held.sink, &ids).await {
         // The effect is durable and the state store remembers the id, so a redelivery is
         // still a no-op; only the fast path is lost.
