@@ -73,7 +73,8 @@ struct Pending {
     /// The message that caused it, for the dead letter.
     subject: String,
     raw: Bytes,
-    event_id: String,
+    /// The events whose delivery this is (several when coalesced).
+    event_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,10 +238,42 @@ impl Actor for UserActor {
     }
 }
 
+/// Loads the stored state on first use. Deliveries the stored outbox still owes (the engine
+/// stopped before they settled) go to the head of their lines at once, in their original
+/// order, ahead of anything newer: their events may come back late, after newer ones, and
+/// must not be overtaken.
 async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> {
     if state.sync.is_none() {
-        let loaded = state.args.ports.store.load_user(&state.args.key).await?;
-        state.sync = Some(loaded.unwrap_or_default());
+        let loaded = state
+            .args
+            .ports
+            .store
+            .load_user(&state.args.key)
+            .await?
+            .unwrap_or_default();
+        let owed: Vec<_> = loaded.outbox.iter().cloned().collect();
+        state.sync = Some(loaded);
+        for entry in owed {
+            if state.args.settings.target(entry.send.side).is_none() {
+                continue;
+            }
+            let line = state.line(entry.send.side);
+            match line
+                .queue
+                .iter_mut()
+                .find(|p| p.send.webhook_id == entry.send.webhook_id)
+            {
+                Some(pending) => pending.event_ids.push(entry.event_id),
+                None => line.queue.push_back(Pending {
+                    send: entry.send,
+                    waiting: Vec::new(),
+                    attempts: 0,
+                    subject: String::new(),
+                    raw: Bytes::new(),
+                    event_ids: vec![entry.event_id],
+                }),
+            }
+        }
     }
     Ok(())
 }
@@ -264,6 +297,11 @@ async fn on_event(
         state.better_auth.queue.back().map(|p| p.send.state.clone()),
         state.payload.queue.back().map(|p| p.send.state.clone()),
     ];
+    let already_queued = [&state.better_auth, &state.payload].iter().any(|line| {
+        line.queue
+            .iter()
+            .any(|p| p.event_ids.contains(&event.envelope.id))
+    });
     let Some(sync) = state.sync.as_mut() else {
         return Ok(());
     };
@@ -279,15 +317,18 @@ async fn on_event(
         Origin::BetterAuth => tails[0].clone(),
         Origin::Payload => tails[1].clone(),
     };
-    let decision = sync.on_event(view, &policy, &expected);
+    let queued = |_: &str| already_queued;
+    let decision = sync.on_event(view, &policy, &expected, &queued);
     let settings = state.args.settings.clone();
     let sends: Vec<Send> = decision
         .sends
         .into_iter()
         .filter(|s| settings.target(s.side).is_some())
         .collect();
-    for send in &sends {
-        sync.on_queued(send.side, &send.state);
+    if !decision.replayed {
+        for send in &sends {
+            sync.on_queued(&envelope.id, send);
+        }
     }
     tracing::debug!(
         message = "Event applied.",
@@ -336,6 +377,7 @@ async fn on_event(
             Some(tail) if coalesce && absorbable => {
                 tail.send = send;
                 tail.waiting.push(seq);
+                tail.event_ids.push(event_id.clone());
             }
             _ => line.queue.push_back(Pending {
                 send,
@@ -343,11 +385,31 @@ async fn on_event(
                 attempts: 0,
                 subject: subject.clone(),
                 raw: raw.clone(),
-                event_id: event_id.clone(),
+                event_ids: vec![event_id.clone()],
             }),
         }
         if let Some(held) = state.held.get_mut(&seq) {
             held.waiting_on += 1;
+        }
+    }
+    if decision.verdict == Verdict::Duplicate && already_queued {
+        // Its deliveries are queued already (restored from the outbox, or the original is
+        // still in flight): it settles with them.
+        let mut n_attached = 0;
+        for side in Origin::ALL {
+            for pending in state.line(side).queue.iter_mut() {
+                if pending.event_ids.contains(&event_id) {
+                    pending.waiting.push(seq);
+                    if pending.raw.is_empty() {
+                        pending.subject = subject.clone();
+                        pending.raw = raw.clone();
+                    }
+                    n_attached += 1;
+                }
+            }
+        }
+        if let Some(held) = state.held.get_mut(&seq) {
+            held.waiting_on += n_attached;
         }
     }
     if state.held.get(&seq).is_some_and(|h| h.waiting_on == 0) {
@@ -429,7 +491,7 @@ async fn on_delivered(
             };
             state.line(side).busy = Busy::Idle;
             if let Some(sync) = state.sync.as_mut() {
-                sync.on_delivered(side, &done.send.state, at_ms);
+                sync.on_delivered(side, &done.send.state, &done.event_ids, at_ms);
                 state
                     .args
                     .ports
@@ -482,7 +544,7 @@ async fn on_delivered(
         } else {
             "delivery_failed".into()
         },
-        event_id: Some(failed.event_id.clone()),
+        event_id: failed.event_ids.first().cloned(),
         sink: Some(sink.as_str().to_string()),
         attempts,
         last_error: Some(error.clone()),
@@ -491,6 +553,15 @@ async fn on_delivered(
     tracing::error!(message = "Delivery dead-lettered.", webhook_id = %failed.send.webhook_id, user = %state.args.key, %sink, attempt = attempts, %error);
     // Not durable means not acknowledged: failing here hands the messages back.
     state.args.ports.store.dead_letter(letter).await?;
+    if let Some(sync) = state.sync.as_mut() {
+        sync.on_dead_lettered(side, &failed.event_ids);
+        state
+            .args
+            .ports
+            .store
+            .save_user(&state.args.key, sync)
+            .await?;
+    }
     Stats::add(&stats.dead_letters_delivery);
     release(state, &failed.waiting, false).await;
     pump(myself, state, side);

@@ -102,14 +102,16 @@ pub async fn run(
     };
     let js = async_nats::jetstream::new(nats_client.clone());
     let stream = nats::ensure_stream(&js, &config.nats).await?;
-    let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
+    let mut consumers = Vec::new();
     for sink in Sink::ALL {
         let consumer =
             nats::ensure_consumer(&stream, &config.nats, sink, config.engine.max_in_flight).await?;
-        sources.push((
-            sink,
-            Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
-        ));
+        consumers.push((sink, consumer));
+    }
+    wait_for_orphaned_messages(&mut consumers, config.nats.ack_wait).await;
+    let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
+    for (sink, consumer) in &consumers {
+        sources.push((*sink, Arc::new(NatsSource::new(consumer, FETCH_BATCH).await?)));
     }
     let settings = Arc::new(pipeline_settings(&config, &secrets));
     let max_concurrency = [Origin::Payload, Origin::BetterAuth]
@@ -155,6 +157,30 @@ pub async fn run(
     server.abort();
     tracing::info!(message = "Stopped.");
     Ok(())
+}
+
+/// Messages a previous run held unacknowledged (it crashed) come back only when their ack
+/// deadline passes, and JetStream then serves them before newer ones. Pulling before that
+/// would let a user's newer events overtake its older ones, so wait out one `ack_wait`.
+async fn wait_for_orphaned_messages(
+    consumers: &mut [(Sink, async_nats::jetstream::consumer::PullConsumer)],
+    ack_wait: std::time::Duration,
+) {
+    let mut orphaned = 0;
+    for (sink, consumer) in consumers.iter_mut() {
+        match consumer.info().await {
+            Ok(info) => orphaned += info.num_ack_pending,
+            Err(error) => tracing::warn!(message = "Cannot read consumer info.", %sink, %error),
+        }
+    }
+    if orphaned > 0 {
+        tracing::warn!(
+            message = "Messages of an earlier run are still unacknowledged; waiting for their redelivery so per-user order holds.",
+            n_pending = orphaned,
+            wait = ?ack_wait,
+        );
+        tokio::time::sleep(ack_wait + std::time::Duration::from_millis(250)).await;
+    }
 }
 
 fn store_kind(url: &str) -> &'static str {

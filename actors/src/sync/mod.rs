@@ -71,12 +71,28 @@ impl Default for SideState {
     }
 }
 
+/// How many unsettled deliveries a user's stored state remembers. Beyond it the oldest are
+/// forgotten: after a crash their events still resync the side (state-based), but under the
+/// id of the first redelivered event instead of each their own.
+pub const OUTBOX_MAX: usize = 1024;
+
+/// A delivery decided but not yet settled, kept with the state so that a crash between the
+/// merge and the delivery re-sends exactly it when its event comes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub event_id: String,
+    pub send: Send,
+}
+
 /// Everything the engine keeps durable about one user.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncState {
     pub record: UserRecord,
     pub better_auth: SideState,
     pub payload: SideState,
+    /// Deliveries decided and not yet accepted or dead-lettered, oldest first.
+    #[serde(default)]
+    pub outbox: VecDeque<OutboxEntry>,
 }
 
 /// What an event was, for logs and metrics.
@@ -91,7 +107,7 @@ pub enum Verdict {
 }
 
 /// One delivery the state machine asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Send {
     pub side: Origin,
     /// The event id, or `<event id>:resync` when it goes back to the event's origin.
@@ -108,6 +124,8 @@ pub struct Send {
 pub struct Decision {
     pub verdict: Verdict,
     pub sends: Vec<Send>,
+    /// The sends come from the stored outbox: queue them, do not record them again.
+    pub replayed: bool,
 }
 
 /// Switches that deliberately break the machine, so the simulator can prove it notices.
@@ -168,14 +186,42 @@ impl SyncState {
 
     /// Applies one event. `expected(side)` is the state of the last delivery already queued for
     /// that side, if any: a side that will hold the canonical user once its queue drains is
-    /// not sent it twice.
+    /// not sent it twice. `queued(event_id)` says whether deliveries of that event are waiting
+    /// in memory already.
+    ///
+    /// A duplicate whose deliveries are in the stored outbox (the engine crashed before they
+    /// settled) gets exactly those again, marked [`Decision::replayed`]: they are queued but not
+    /// recorded a second time.
     pub fn on_event(
         &mut self,
         event: EventView<'_>,
         policy: &Policy,
         expected: &dyn Fn(Origin) -> Option<Known>,
+        queued: &dyn Fn(&str) -> bool,
     ) -> Decision {
         let verdict = self.classify_and_apply(event, policy);
+        if verdict == Verdict::Duplicate {
+            if queued(event.id) {
+                return Decision {
+                    verdict,
+                    sends: Vec::new(),
+                    replayed: false,
+                };
+            }
+            let stored: Vec<Send> = self
+                .outbox
+                .iter()
+                .filter(|e| e.event_id == event.id)
+                .map(|e| e.send.clone())
+                .collect();
+            if !stored.is_empty() {
+                return Decision {
+                    verdict,
+                    sends: stored,
+                    replayed: true,
+                };
+            }
+        }
         let mut sends = Vec::new();
         let target = self.target_state();
         for side in Origin::ALL {
@@ -201,7 +247,11 @@ impl SyncState {
                 timestamp_ms: self.record.latest_ts(),
             });
         }
-        Decision { verdict, sends }
+        Decision {
+            verdict,
+            sends,
+            replayed: false,
+        }
     }
 
     fn classify_and_apply(&mut self, event: EventView<'_>, policy: &Policy) -> Verdict {
@@ -249,9 +299,11 @@ impl SyncState {
         Verdict::Merged(outcome)
     }
 
-    /// Whether `fields` from `side` report a state the engine sent it; consumes that echo.
+    /// Whether `fields` from `side` report a state the engine sent it; consumes that echo. The
+    /// echo of the latest state sent also tells what the side holds now.
     fn take_echo(&mut self, side: Origin, fields: &CanonicalFields, last_only: bool) -> bool {
-        let due = &mut self.side_mut(side).echoes_due;
+        let side_state = self.side_mut(side);
+        let due = &mut side_state.echoes_due;
         let matches = |state: &Known| match state {
             Known::Holds(sent) => fields
                 .iter()
@@ -265,7 +317,12 @@ impl SyncState {
         };
         match found {
             Some(index) => {
-                due.remove(index);
+                let latest = index + 1 == due.len();
+                if let Some(state) = due.remove(index) {
+                    if latest {
+                        side_state.known = state;
+                    }
+                }
                 true
             }
             None => false,
@@ -296,20 +353,41 @@ impl SyncState {
         MergeOutcome::Changed
     }
 
-    /// A delivery of `state` to `side` was queued: its echo may come back from now on.
-    pub fn on_queued(&mut self, side: Origin, state: &Known) {
-        let due = &mut self.side_mut(side).echoes_due;
+    /// `send`, decided for `event_id`, was queued: it is remembered until it settles, and its
+    /// echo may come back from now on.
+    pub fn on_queued(&mut self, event_id: &str, send: &Send) {
+        let due = &mut self.side_mut(send.side).echoes_due;
         if due.len() >= ECHOES_DUE_MAX {
             due.pop_front();
         }
-        due.push_back(state.clone());
+        due.push_back(send.state.clone());
+        if self.outbox.len() >= OUTBOX_MAX {
+            self.outbox.pop_front();
+        }
+        self.outbox.push_back(OutboxEntry {
+            event_id: event_id.to_string(),
+            send: send.clone(),
+        });
     }
 
-    /// `side` accepted a delivery of `state` at engine time `now_ms`.
-    pub fn on_delivered(&mut self, side: Origin, state: &Known, now_ms: i64) {
+    /// A delivery to `side` covering `event_ids` settled; it is no longer owed.
+    fn settle(&mut self, side: Origin, event_ids: &[String]) {
+        self.outbox
+            .retain(|e| e.send.side != side || !event_ids.contains(&e.event_id));
+    }
+
+    /// `side` accepted a delivery of `state`, covering `event_ids`, at engine time `now_ms`.
+    pub fn on_delivered(&mut self, side: Origin, state: &Known, event_ids: &[String], now_ms: i64) {
+        self.settle(side, event_ids);
         let side = self.side_mut(side);
         side.known = state.clone();
         side.last_delivery_ms = Some(now_ms);
+    }
+
+    /// A delivery to `side` covering `event_ids` was dead-lettered: what the side holds is
+    /// unchanged, and the delivery is no longer owed (a replay of the dead letter decides anew).
+    pub fn on_dead_lettered(&mut self, side: Origin, event_ids: &[String]) {
+        self.settle(side, event_ids);
     }
 }
 

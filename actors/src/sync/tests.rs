@@ -46,9 +46,11 @@ impl World {
             timestamp_ms: ts,
             fields: &f,
         };
-        let decision = self.state.on_event(view, &policy(), &|_| None);
-        for send in &decision.sends {
-            self.state.on_queued(send.side, &send.state);
+        let decision = self.state.on_event(view, &policy(), &|_| None, &|_| false);
+        if !decision.replayed {
+            for send in &decision.sends {
+                self.state.on_queued(id, send);
+            }
         }
         decision
     }
@@ -56,7 +58,8 @@ impl World {
     fn deliver_all(&mut self, decision: &Decision) {
         for send in &decision.sends {
             self.now_ms += 10;
-            self.state.on_delivered(send.side, &send.state, self.now_ms);
+            let event_id = send.webhook_id.trim_end_matches(":resync").to_string();
+            self.state.on_delivered(send.side, &send.state, &[event_id], self.now_ms);
         }
     }
 
@@ -217,7 +220,7 @@ fn echo_against_the_last_delivery_only_is_the_broken_variant() {
         timestamp_ms: 5_000_000,
         fields: &f,
     };
-    let d = w.state.on_event(view, &broken, &|_| None);
+    let d = w.state.on_event(view, &broken, &|_| None, &|_| false);
     assert_ne!(d.verdict, Verdict::Echo);
 }
 
@@ -341,24 +344,34 @@ fn duplicates_do_nothing_twice() {
 }
 
 #[test]
-fn a_redelivered_event_after_a_crash_resends_what_is_missing() {
+fn a_redelivered_event_after_a_crash_gets_its_own_stored_deliveries() {
     let mut w = World::new();
-    // e1 merged and saved, but its delivery never happened (crash before delivery).
-    let d = w.event(
-        "e1",
-        BA,
-        EventType::Created,
-        1,
-        json!({"id":"u","email":"a@x"}),
-    );
-    assert_eq!(d.sends.len(), 1);
-    let again = w.event(
-        "e1",
-        BA,
-        EventType::Created,
-        1,
-        json!({"id":"u","email":"a@x"}),
-    );
+    // e1 and e2 merged and saved, but their deliveries never happened (crash before them).
+    let a = json!({"id":"u","email":"a@x","name":"A"});
+    let b = json!({"id":"u","email":"a@x","name":"B"});
+    let d1 = w.event("e1", BA, EventType::Created, 1, a.clone());
+    let d2 = w.event("e2", BA, EventType::Updated, 2, b.clone());
+    let again1 = w.event("e1", BA, EventType::Created, 1, a);
+    assert_eq!(again1.verdict, Verdict::Duplicate);
+    assert!(again1.replayed);
+    assert_eq!(again1.sends, d1.sends, "the same delivery, with the state it had then");
+    let again2 = w.event("e2", BA, EventType::Updated, 2, b);
+    assert_eq!(again2.sends, d2.sends);
+    w.deliver_all(&again1);
+    w.deliver_all(&again2);
+    assert!(w.state.outbox.is_empty(), "settled deliveries are no longer owed");
+}
+
+#[test]
+fn a_duplicate_with_nothing_stored_resends_what_is_missing() {
+    let mut w = World::new();
+    let user = json!({"id":"u","email":"a@x"});
+    let d = w.event("e1", BA, EventType::Created, 1, user.clone());
+    // Its delivery was dead-lettered; a replay of the event comes back as a duplicate.
+    w.state.on_dead_lettered(PL, &["e1".to_string()]);
+    assert!(w.state.outbox.is_empty());
+    let again = w.event("e1", BA, EventType::Created, 1, user);
     assert_eq!(again.verdict, Verdict::Duplicate);
-    assert_eq!(ids(&again), vec![(PL, "e1".to_string())]);
+    assert!(!again.replayed);
+    assert_eq!(ids(&again), ids(&d));
 }
