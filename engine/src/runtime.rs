@@ -111,7 +111,10 @@ pub async fn run(
     wait_for_orphaned_messages(&mut consumers, config.nats.ack_wait).await;
     let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
     for (sink, consumer) in &consumers {
-        sources.push((*sink, Arc::new(NatsSource::new(consumer, FETCH_BATCH).await?)));
+        sources.push((
+            *sink,
+            Arc::new(NatsSource::new(consumer, FETCH_BATCH).await?),
+        ));
     }
     let settings = Arc::new(pipeline_settings(&config, &secrets));
     let max_concurrency = [Origin::Payload, Origin::BetterAuth]

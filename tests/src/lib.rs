@@ -1,5 +1,6 @@
 //! Helpers shared by the black-box integration tests in `tests/tests/`.
 
+pub mod app;
 pub mod env;
 pub mod receiver;
 
@@ -17,22 +18,19 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The `sync-engine` binary built beside this test executable. The README's test command
-/// builds it first (`cargo build -p engine`); a missing binary fails the test loudly.
+/// The `sync-engine` binary under test: the engine's `main.rs` built by this package, so it
+/// is always current (`CARGO_BIN_EXE_*` is set for integration tests only).
 pub fn sync_engine_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current test executable");
-    // target/<profile>/deps/<test> -> target/<profile>/sync-engine
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("sync-engine");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p engine` before `cargo test` (the README's test command does)",
-        bin.display()
-    );
-    bin
+    let path = std::env::var_os("CARGO_BIN_EXE_sync-engine-under-test")
+        .map(PathBuf::from)
+        .or_else(|| {
+            // Fallback for unit tests of this library: beside the test executable.
+            let exe = std::env::current_exe().ok()?;
+            Some(exe.parent()?.parent()?.join("sync-engine-under-test"))
+        })
+        .expect("the binary under test");
+    assert!(path.exists(), "{} is missing", path.display());
+    path
 }
 
 /// A `sync-engine` command with a clean environment apart from `PATH`, so that no

@@ -17,10 +17,14 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_keeps_order() {
     const TOTAL: usize = (USERS * EVENTS) as usize;
     let payload = Receiver::start(TEST_SECRET).await;
     let better_auth = Receiver::start(TEST_SECRET).await;
-    let mut env = TestEnv::new(&payload.url, &better_auth.url, EnvOptions {
-        ack_wait: "3s",
-        ..EnvOptions::default()
-    })
+    let mut env = TestEnv::new(
+        &payload.url,
+        &better_auth.url,
+        EnvOptions {
+            ack_wait: "3s",
+            ..EnvOptions::default()
+        },
+    )
     .await;
     // Slow the receiver a little so the kill lands mid-load.
     payload.script(|_| {
@@ -34,37 +38,62 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_keeps_order() {
             let id = format!("k-{u}-{k}");
             let body = json!({"id": id, "origin": "better-auth", "type": "user.updated", "timestamp": t0 + k,
                               "data": {"id": format!("u{u}"), "email": format!("u{u}@x"), "seq": k}});
-            messages.push((env.subject(Origin::BetterAuth, EventType::Updated, &format!("u{u}")), id, serde_json::to_vec(&body).expect("json")));
+            messages.push((
+                env.subject(Origin::BetterAuth, EventType::Updated, &format!("u{u}")),
+                id,
+                serde_json::to_vec(&body).expect("json"),
+            ));
         }
     }
     env.publish_many(messages).await;
     env.start_engine().await;
-    payload.wait_accepted(Duration::from_secs(120), |r| r.len() >= TOTAL / 3).await;
+    payload
+        .wait_accepted(Duration::from_secs(120), |r| r.len() >= TOTAL / 3)
+        .await;
     let kill_ms = now_ms();
     env.kill_engine();
     // Requests the receiver was still answering when the engine died land just after.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let at_kill = payload.accepted().len();
-    assert!(at_kill < TOTAL, "the kill must land mid-load (got {at_kill} of {TOTAL} already)");
+    assert!(
+        at_kill < TOTAL,
+        "the kill must land mid-load (got {at_kill} of {TOTAL} already)"
+    );
 
     env.start_engine().await;
     let accepted = payload
         .wait_accepted(Duration::from_secs(180), |r| {
-            r.iter().map(|d| d.webhook_id().to_string()).collect::<BTreeSet<_>>().len() >= TOTAL
+            r.iter()
+                .map(|d| d.webhook_id().to_string())
+                .collect::<BTreeSet<_>>()
+                .len()
+                >= TOTAL
         })
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let accepted_final = payload.accepted();
-    assert_eq!(accepted_final.len(), accepted.len(), "nothing more arrives once all are in");
+    assert_eq!(
+        accepted_final.len(),
+        accepted.len(),
+        "nothing more arrives once all are in"
+    );
 
-    let ids: BTreeSet<String> = accepted.iter().map(|d| d.webhook_id().to_string()).collect();
+    let ids: BTreeSet<String> = accepted
+        .iter()
+        .map(|d| d.webhook_id().to_string())
+        .collect();
     assert_eq!(ids.len(), TOTAL, "every event delivered");
     let duplicates = accepted.len() - TOTAL;
     // Per user: the seq values arrive in order; a repeat may only re-send what was in flight.
     let mut per_user: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for d in &accepted {
         per_user
-            .entry(d.data("betterAuthUserId").as_str().unwrap_or_default().to_string())
+            .entry(
+                d.data("betterAuthUserId")
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
             .or_default()
             .push(d.data("seq").as_i64().unwrap_or(-1));
     }
@@ -78,11 +107,16 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_keeps_order() {
             highest = highest.max(seq);
         }
     }
-    eprintln!("killed after {at_kill} deliveries; {duplicates} duplicate deliveries after the restart");
+    eprintln!(
+        "killed after {at_kill} deliveries; {duplicates} duplicate deliveries after the restart"
+    );
     assert_eq!(order_violations, 0, "per-user order");
     // In flight at the kill: at most one request per user line (the head), plus what the
     // receiver accepted but the engine had not yet recorded.
-    assert!(duplicates <= USERS as usize, "{duplicates} duplicates is more than one per user");
+    assert!(
+        duplicates <= USERS as usize,
+        "{duplicates} duplicates is more than one per user"
+    );
     // Every repeated delivery was first sent before the kill (its attempt time says so).
     let mut seen = BTreeSet::new();
     for d in &accepted {
@@ -90,9 +124,17 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_keeps_order() {
             let first = accepted
                 .iter()
                 .find(|r| r.webhook_id() == d.webhook_id())
-                .map(|r| r.header("x-webhook-timestamp").parse::<i64>().unwrap_or(i64::MAX))
+                .map(|r| {
+                    r.header("x-webhook-timestamp")
+                        .parse::<i64>()
+                        .unwrap_or(i64::MAX)
+                })
                 .unwrap_or(i64::MAX);
-            assert!(first <= kill_ms, "{} was delivered twice but was not in flight at the kill", d.webhook_id());
+            assert!(
+                first <= kill_ms,
+                "{} was delivered twice but was not in flight at the kill",
+                d.webhook_id()
+            );
         }
     }
     env.cleanup().await;

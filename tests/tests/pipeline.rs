@@ -223,8 +223,14 @@ async fn a_400_dead_letters_at_once() {
     let (payload, _better_auth, mut env) = world(EnvOptions::default()).await;
     payload.script(|_| 400);
     env.start_engine().await;
-    env.publish("evt-400", BA, EventType::Created, now_ms(), json!({"id": "u1", "email": "a@x"}))
-        .await;
+    env.publish(
+        "evt-400",
+        BA,
+        EventType::Created,
+        now_ms(),
+        json!({"id": "u1", "email": "a@x"}),
+    )
+    .await;
     tests::env::eventually(WAIT, "a dead letter", || !env.dead_letters().is_empty()).await;
     let letters = env.dead_letters();
     assert_eq!(letters.len(), 1);
@@ -233,8 +239,15 @@ async fn a_400_dead_letters_at_once() {
     assert_eq!(letter["event_id"], "evt-400");
     assert_eq!(letter["sink"], "payload");
     assert_eq!(letter["attempts"], 1);
-    assert!(letter["last_error"].as_str().unwrap_or("").contains("400"), "{letter}");
-    assert_eq!(payload.received().len(), 1, "a permanent answer is never retried");
+    assert!(
+        letter["last_error"].as_str().unwrap_or("").contains("400"),
+        "{letter}"
+    );
+    assert_eq!(
+        payload.received().len(),
+        1,
+        "a permanent answer is never retried"
+    );
     env.cleanup().await;
 }
 
@@ -247,27 +260,50 @@ async fn a_receiver_down_past_the_retry_budget_dead_letters_and_replay_delivers(
     .await;
     payload.script(|_| 503);
     env.start_engine().await;
-    env.publish("evt-down", BA, EventType::Created, now_ms(), json!({"id": "u1", "email": "a@x", "name": "A"}))
-        .await;
+    env.publish(
+        "evt-down",
+        BA,
+        EventType::Created,
+        now_ms(),
+        json!({"id": "u1", "email": "a@x", "name": "A"}),
+    )
+    .await;
     tests::env::eventually(WAIT, "a dead letter", || !env.dead_letters().is_empty()).await;
     let letters = env.dead_letters();
     assert_eq!(letters[0]["reason"], "delivery_failed");
     assert_eq!(letters[0]["attempts"], 4);
     assert_eq!(letters[0]["sink"], "payload");
-    assert_eq!(letters[0]["subject"], env.subject(BA, EventType::Created, "u1"));
-    assert_eq!(payload.received().len(), 4, "max_attempts attempts, then no more");
+    assert_eq!(
+        letters[0]["subject"],
+        env.subject(BA, EventType::Created, "u1")
+    );
+    assert_eq!(
+        payload.received().len(),
+        4,
+        "max_attempts attempts, then no more"
+    );
 
     // The receiver comes back; replaying delivers the event once.
     payload.script(|_| 200);
     let id = letters[0]["id"].to_string();
-    let output = env.command(&["dlq", "replay", &id]).output().expect("dlq replay");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = env
+        .command(&["dlq", "replay", &id])
+        .output()
+        .expect("dlq replay");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let accepted = payload.wait_accepted(WAIT, |r| !r.is_empty()).await;
     assert_eq!(accepted[0].webhook_id(), "evt-down");
     assert_eq!(accepted[0].data("fullName"), "A");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(payload.accepted().len(), 1);
-    assert!(env.dead_letters().is_empty(), "a replayed dead letter is removed");
+    assert!(
+        env.dead_letters().is_empty(),
+        "a replayed dead letter is removed"
+    );
     env.cleanup().await;
 }
 
@@ -284,12 +320,24 @@ async fn payload_down_does_not_delay_better_auth() {
     env.start_engine().await;
     let t = now_ms();
     for u in 0..20 {
-        env.publish(&format!("ba-{u}"), BA, EventType::Created, t, json!({"id": format!("u{u}"), "email": "a@x"}))
-            .await;
+        env.publish(
+            &format!("ba-{u}"),
+            BA,
+            EventType::Created,
+            t,
+            json!({"id": format!("u{u}"), "email": "a@x"}),
+        )
+        .await;
     }
     for u in 0..20 {
-        env.publish(&format!("pl-{u}"), PL, EventType::Updated, t, json!({"betterAuthUserId": format!("v{u}"), "email": "b@x"}))
-            .await;
+        env.publish(
+            &format!("pl-{u}"),
+            PL,
+            EventType::Updated,
+            t,
+            json!({"betterAuthUserId": format!("v{u}"), "email": "b@x"}),
+        )
+        .await;
     }
     let started = std::time::Instant::now();
     better_auth
@@ -297,7 +345,10 @@ async fn payload_down_does_not_delay_better_auth() {
         .await;
     assert!(payload.accepted().is_empty());
     // Informational only (no timing assertion): how long Better Auth's deliveries took.
-    eprintln!("better-auth received 20 deliveries {:?} after publishing", started.elapsed());
+    eprintln!(
+        "better-auth received 20 deliveries {:?} after publishing",
+        started.elapsed()
+    );
     // Payload recovers and gets its backlog.
     payload.script(|_| 200);
     payload.wait_accepted(WAIT, |r| r.len() >= 20).await;
@@ -323,19 +374,35 @@ async fn every_bad_input_is_dead_lettered_with_its_reason_while_good_events_flow
         ("missing_field:data.email", serde_json::to_vec(&json!({"id":"b7","origin":"better-auth","type":"user.created","timestamp":t,"data":{"id":"u1"}})).expect("json")),
     ];
     for (i, (_, body)) in bad.iter().enumerate() {
-        env.publish_raw(&subject, &format!("bad-{i}"), body.clone()).await;
-        env.publish(&format!("good-{i}"), BA, EventType::Updated, t + i as i64, json!({"id": "u1", "email": format!("v{i}@x")}))
+        env.publish_raw(&subject, &format!("bad-{i}"), body.clone())
             .await;
+        env.publish(
+            &format!("good-{i}"),
+            BA,
+            EventType::Updated,
+            t + i as i64,
+            json!({"id": "u1", "email": format!("v{i}@x")}),
+        )
+        .await;
     }
     let mut expected: Vec<&str> = bad.iter().map(|(reason, _)| *reason).collect();
     expected.sort();
-    tests::env::eventually(WAIT, "all dead letters", || env.dead_letters().len() >= bad.len()).await;
+    tests::env::eventually(WAIT, "all dead letters", || {
+        env.dead_letters().len() >= bad.len()
+    })
+    .await;
     let letters = env.dead_letters();
-    let mut reasons: Vec<String> = letters.iter().map(|l| l["reason"].as_str().unwrap_or("").to_string()).collect();
+    let mut reasons: Vec<String> = letters
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap_or("").to_string())
+        .collect();
     reasons.sort();
     assert_eq!(reasons, expected);
     assert!(letters.iter().all(|l| l["subject"] == subject.as_str()));
-    let raw = letters.iter().find(|l| l["reason"] == "invalid_json").map(|l| l["raw"].clone());
+    let raw = letters
+        .iter()
+        .find(|l| l["reason"] == "invalid_json")
+        .map(|l| l["raw"].clone());
     assert_eq!(raw, Some(json!("{not json")), "the raw bytes are kept");
     // The good events between them kept flowing.
     payload.wait_accepted(WAIT, |r| r.len() >= bad.len()).await;

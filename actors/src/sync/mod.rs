@@ -59,6 +59,10 @@ pub struct SideState {
     pub last_delivery_ms: Option<i64>,
     /// States sent to this side whose echo has not come back, oldest first.
     pub echoes_due: VecDeque<Known>,
+    /// What the side held before the last delivery it accepted: an event written before that
+    /// delivery landed still reports these values, which are not new writes.
+    #[serde(default)]
+    pub known_before_delivery: Option<CanonicalFields>,
 }
 
 impl Default for SideState {
@@ -67,6 +71,7 @@ impl Default for SideState {
             known: Known::Unknown,
             last_delivery_ms: None,
             echoes_due: VecDeque::new(),
+            known_before_delivery: None,
         }
     }
 }
@@ -266,18 +271,23 @@ impl SyncState {
             self.record.remember(event.id);
             return Verdict::Echo;
         }
+        let skew = policy.clock_skew_ms;
+        let in_window = self
+            .side(event.origin)
+            .last_delivery_ms
+            .is_some_and(|at| event.timestamp_ms <= at.saturating_add(skew));
         let outcome = if policy.faults.skip_merge {
             self.apply_blindly(event)
         } else {
+            let written = self.written_fields(event, in_window);
             self.record.merge(
                 event.id,
                 event.origin,
                 event.event_type,
                 event.timestamp_ms,
-                event.fields,
+                &written,
             )
         };
-        let skew = policy.clock_skew_ms;
         let side = self.side_mut(event.origin);
         side.known = match (event.event_type, &side.known) {
             (EventType::Deleted, _) => Known::Deleted,
@@ -288,15 +298,42 @@ impl SyncState {
             }
             (_, _) => Known::Holds(event.fields.clone()),
         };
-        let overwritten = side
-            .last_delivery_ms
-            .is_some_and(|at| event.timestamp_ms <= at.saturating_add(skew));
-        if event.event_type != EventType::Deleted && overwritten {
+        if event.event_type != EventType::Deleted && in_window {
             // A delivery may have landed after this write and replaced it: what the side
             // holds now is not what it reported.
             side.known = Known::Unknown;
         }
         Verdict::Merged(outcome)
+    }
+
+    /// The fields an event actually wrote. Applications publish the whole user, so a field
+    /// that still has the value its side was known to hold is not an edit: counting it would
+    /// let a concurrent edit of another field on the other side be overwritten by a stale copy.
+    /// Inside the overwritten window (§5.5) the values the side held before the last delivery
+    /// are stale copies too.
+    fn written_fields(&self, event: EventView<'_>, in_window: bool) -> CanonicalFields {
+        let side = self.side(event.origin);
+        let Known::Holds(known) = &side.known else {
+            return event.fields.clone();
+        };
+        if event.event_type == EventType::Created {
+            return event.fields.clone();
+        }
+        let same = |held: Option<&Value>, value: &Value| held.unwrap_or(&Value::Null) == value;
+        event
+            .fields
+            .iter()
+            .filter(|(name, value)| {
+                let unchanged = same(known.get(*name), value);
+                let stale = in_window
+                    && side
+                        .known_before_delivery
+                        .as_ref()
+                        .is_some_and(|before| same(before.get(*name), value));
+                !unchanged && !stale
+            })
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect()
     }
 
     /// Whether `fields` from `side` report a state the engine sent it; consumes that echo. The
@@ -380,6 +417,10 @@ impl SyncState {
     pub fn on_delivered(&mut self, side: Origin, state: &Known, event_ids: &[String], now_ms: i64) {
         self.settle(side, event_ids);
         let side = self.side_mut(side);
+        side.known_before_delivery = match &side.known {
+            Known::Holds(fields) => Some(fields.clone()),
+            _ => None,
+        };
         side.known = state.clone();
         side.last_delivery_ms = Some(now_ms);
     }

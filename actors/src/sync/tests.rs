@@ -59,7 +59,8 @@ impl World {
         for send in &decision.sends {
             self.now_ms += 10;
             let event_id = send.webhook_id.trim_end_matches(":resync").to_string();
-            self.state.on_delivered(send.side, &send.state, &[event_id], self.now_ms);
+            self.state
+                .on_delivered(send.side, &send.state, &[event_id], self.now_ms);
         }
     }
 
@@ -144,10 +145,26 @@ fn different_fields_edited_concurrently_both_survive() {
         11,
         json!({"id":"u","email":"a@x","name":"Z"}),
     );
-    // Same-field: Payload's email write (t=11, value a@x) is newer than Better Auth's (t=10).
+    // Payload's a@x is the value it already held, not an edit; its name is.
     let canonical = w.state.record.canonical_fields();
     assert_eq!(canonical["name"], json!("Z"));
-    assert_eq!(canonical["email"], json!("a@x"));
+    assert_eq!(canonical["email"], json!("new@x"));
+    // The same field edited on both sides: the later write wins.
+    w.event(
+        "e3",
+        BA,
+        EventType::Updated,
+        20,
+        json!({"id":"u","email":"new@x","name":"B"}),
+    );
+    w.event(
+        "e4",
+        PL,
+        EventType::Updated,
+        21,
+        json!({"id":"u","email":"a@x","name":"P"}),
+    );
+    assert_eq!(w.state.record.canonical_fields()["name"], json!("P"));
 }
 
 #[test]
@@ -354,12 +371,18 @@ fn a_redelivered_event_after_a_crash_gets_its_own_stored_deliveries() {
     let again1 = w.event("e1", BA, EventType::Created, 1, a);
     assert_eq!(again1.verdict, Verdict::Duplicate);
     assert!(again1.replayed);
-    assert_eq!(again1.sends, d1.sends, "the same delivery, with the state it had then");
+    assert_eq!(
+        again1.sends, d1.sends,
+        "the same delivery, with the state it had then"
+    );
     let again2 = w.event("e2", BA, EventType::Updated, 2, b);
     assert_eq!(again2.sends, d2.sends);
     w.deliver_all(&again1);
     w.deliver_all(&again2);
-    assert!(w.state.outbox.is_empty(), "settled deliveries are no longer owed");
+    assert!(
+        w.state.outbox.is_empty(),
+        "settled deliveries are no longer owed"
+    );
 }
 
 #[test]
@@ -374,4 +397,88 @@ fn a_duplicate_with_nothing_stored_resends_what_is_missing() {
     assert_eq!(again.verdict, Verdict::Duplicate);
     assert!(!again.replayed);
     assert_eq!(ids(&again), ids(&d));
+}
+
+#[test]
+fn full_snapshots_of_different_fields_edited_concurrently_both_survive() {
+    let mut w = World::new();
+    let d0 = w.event(
+        "e0",
+        BA,
+        EventType::Created,
+        1_000,
+        json!({"id":"u","email":"a@x","name":"N"}),
+    );
+    w.deliver_all(&d0);
+    // Payload reported the same user, so both sides are known to hold {a@x, N}.
+    let p0 = w.event(
+        "p0",
+        PL,
+        EventType::Updated,
+        1_001,
+        json!({"id":"u","email":"a@x","name":"N"}),
+    );
+    assert!(p0.sends.is_empty() || p0.verdict == Verdict::Echo);
+    // Concurrently: Better Auth changes the email, Payload the name; each publishes its whole user.
+    w.now_ms = 10;
+    let b = w.event(
+        "b1",
+        BA,
+        EventType::Updated,
+        5_000_000,
+        json!({"id":"u","email":"b@x","name":"N"}),
+    );
+    let p = w.event(
+        "p1",
+        PL,
+        EventType::Updated,
+        5_000_001,
+        json!({"id":"u","email":"a@x","name":"M"}),
+    );
+    let canonical = w.state.record.canonical_fields();
+    assert_eq!(canonical["email"], json!("b@x"));
+    assert_eq!(canonical["name"], json!("M"));
+    let _ = (b, p);
+}
+
+#[test]
+fn a_stale_copy_from_before_a_delivery_landed_is_not_a_write() {
+    let mut w = World::new();
+    let d0 = w.event(
+        "e0",
+        BA,
+        EventType::Created,
+        1_000,
+        json!({"id":"u","email":"a@x","name":"N"}),
+    );
+    w.deliver_all(&d0);
+    let d1 = w.event(
+        "e1",
+        BA,
+        EventType::Updated,
+        1_000_000,
+        json!({"id":"u","email":"b@x","name":"N"}),
+    );
+    w.now_ms = 1_000_100;
+    w.deliver_all(&d1);
+    // Payload's name edit was written just before the new email landed: it still carries a@x.
+    let p = w.event(
+        "p1",
+        PL,
+        EventType::Updated,
+        1_000_050,
+        json!({"id":"u","email":"a@x","name":"M"}),
+    );
+    let canonical = w.state.record.canonical_fields();
+    assert_eq!(
+        canonical["email"],
+        json!("b@x"),
+        "a@x is a stale copy, not an edit"
+    );
+    assert_eq!(canonical["name"], json!("M"));
+    // Payload may have been overwritten, so it is sent the merged user again.
+    assert!(p
+        .sends
+        .iter()
+        .any(|s| s.side == PL && s.webhook_id == "p1:resync"));
 }

@@ -1,0 +1,154 @@
+//! The state store on SQLite and on PostgreSQL: the same tests against both.
+
+use actors::ports::{DeadLetter, StateStore};
+use actors::sync::{Known, SyncState};
+use bytes::Bytes;
+use engine::adapters::store::SqlStore;
+use protocol::{EventType, Origin, UserKey};
+use serde_json::json;
+use sqlx::Connection;
+use tests::env::POSTGRES_ADMIN_URL;
+
+/// A fresh PostgreSQL database for one test; dropped by the caller.
+async fn fresh_postgres() -> (String, String) {
+    let name = format!("sync_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL)
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (../shared/services.sh starts it)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    (
+        name.clone(),
+        format!("postgres://postgres@127.0.0.1:5432/{name}"),
+    )
+}
+
+async fn drop_postgres(name: &str) {
+    if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+fn sample_state() -> SyncState {
+    let mut state = SyncState::default();
+    let fields = [
+        ("id", json!("u1")),
+        ("email", json!("a@x")),
+        ("name", json!("Ada")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    state
+        .record
+        .merge("e1", Origin::BetterAuth, EventType::Created, 10, &fields);
+    state.payload.known = Known::Holds(fields);
+    state.payload.last_delivery_ms = Some(99);
+    state
+}
+
+async fn state_store_contract(store: SqlStore) {
+    let key = UserKey::new("u1");
+    assert_eq!(store.load_user(&key).await.expect("load"), None);
+    let mut state = sample_state();
+    store.save_user(&key, &state).await.expect("save");
+    assert_eq!(
+        store.load_user(&key).await.expect("load"),
+        Some(state.clone())
+    );
+    // Saving again replaces the row.
+    state.record.deleted_at = Some(20);
+    store.save_user(&key, &state).await.expect("save again");
+    assert_eq!(store.load_user(&key).await.expect("load"), Some(state));
+    assert_eq!(
+        store.load_user(&UserKey::new("other")).await.expect("load"),
+        None
+    );
+
+    // Dead letters keep their raw bytes exactly, and can be listed and purged.
+    let raw = Bytes::from_static(b"\xff\x00not json");
+    for i in 0..3 {
+        store
+            .dead_letter(DeadLetter {
+                subject: "user.updated.u1".into(),
+                raw: raw.clone(),
+                reason: "invalid_json".into(),
+                event_id: (i == 0).then(|| "e9".to_string()),
+                sink: (i == 1).then(|| "payload".to_string()),
+                attempts: i,
+                last_error: None,
+                received_at_ms: 1_000 + i as i64,
+            })
+            .await
+            .expect("dead letter");
+    }
+    let rows = store.dead_letters(None).await.expect("list");
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].raw, raw.to_vec());
+    assert_eq!(rows[0].event_id.as_deref(), Some("e9"));
+    assert_eq!(rows[1].sink.as_deref(), Some("payload"));
+    assert_eq!(rows[2].attempts, 2);
+    assert_eq!(
+        store
+            .dead_letters(Some(rows[1].id))
+            .await
+            .expect("one")
+            .len(),
+        1
+    );
+    assert_eq!(
+        store
+            .purge_dead_letters(Some(rows[0].id))
+            .await
+            .expect("purge one"),
+        1
+    );
+    assert_eq!(store.purge_dead_letters(None).await.expect("purge all"), 2);
+    assert!(store.dead_letters(None).await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn sqlite_store_keeps_state_and_dead_letters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/nested/sync.db", dir.path().display());
+    let store = SqlStore::connect(&url)
+        .await
+        .expect("open sqlite (creates folder and file)");
+    state_store_contract(store).await;
+    // Migrations are idempotent: opening again works and keeps data.
+    let again = SqlStore::connect(&url).await.expect("reopen");
+    assert!(again.ping().await);
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_state_and_dead_letters() {
+    let (name, url) = fresh_postgres().await;
+    let store = SqlStore::connect(&url).await.expect("open postgres");
+    state_store_contract(store).await;
+    let again = SqlStore::connect(&url)
+        .await
+        .expect("reconnect, migrations idempotent");
+    assert!(again.ping().await);
+    drop(again);
+    drop_postgres(&name).await;
+}
+
+#[tokio::test]
+async fn state_survives_across_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/sync.db", dir.path().display());
+    let key = UserKey::new("u1");
+    {
+        let store = SqlStore::connect(&url).await.expect("open");
+        store.save_user(&key, &sample_state()).await.expect("save");
+    }
+    let store = SqlStore::connect(&url).await.expect("reopen");
+    assert_eq!(
+        store.load_user(&key).await.expect("load"),
+        Some(sample_state())
+    );
+}
