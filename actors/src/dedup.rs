@@ -51,6 +51,7 @@ impl Actor for DedupActor {
         message: DedupMsg,
         state: &mut DedupArgs,
     ) -> Result<(), ActorProcessingErr> {
+        crate::ports::maybe_panic(state.ports.chaos.as_ref(), "dedup");
         let DedupMsg::Check(batch) = message;
         // A batch holds one sink's messages: it comes from one consumer.
         let Some(sink) = batch.first().map(|r| r.sink) else {

@@ -98,6 +98,7 @@ impl Actor for DeliveryActor {
         message: DeliveryMsg,
         state: &mut DeliveryState,
     ) -> Result<(), ActorProcessingErr> {
+        crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "delivery");
         let DeliveryMsg::Deliver(request) = message;
         let body = Bytes::from(render_body(&state.args.settings, &request));
         let ports = state.args.ports.clone();

@@ -87,6 +87,7 @@ impl Actor for IngestActor {
             IngestMsg::Pause => state.paused = true,
             IngestMsg::Poll if state.paused => {}
             IngestMsg::Poll => {
+                crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "ingest");
                 let args = &state.args;
                 match args
                     .source
@@ -119,6 +120,10 @@ async fn ingest_batch(args: &IngestArgs, batch: Vec<Incoming>) -> Vec<Routed> {
             continue;
         };
         let incoming = incoming.with_permit(permit);
+        if args.settings.faults.ack_before_durable {
+            // The broken variant (see `EngineFaults`): settle now, whatever happens next.
+            incoming.ack_early().await;
+        }
         match Event::parse(
             &incoming.payload,
             args.settings.max_message_bytes,

@@ -99,6 +99,15 @@ impl Incoming {
         }
     }
 
+    /// Acknowledges now but keeps the message in hand: only the broken variant
+    /// `ack_before_durable` of the simulator does this.
+    pub async fn ack_early(&self) {
+        self.settled.store(true, Ordering::Relaxed);
+        if let Some(acker) = &self.acker {
+            let _ = acker.ack().await;
+        }
+    }
+
     /// Asks for redelivery after `delay` and consumes the message.
     pub async fn nak(mut self, delay: Duration) {
         self.settled.store(true, Ordering::Relaxed);
@@ -222,6 +231,30 @@ pub trait HttpTransport: Send + Sync + 'static {
     fn post(&self, request: HttpRequest) -> BoxFuture<'_, Result<HttpResponse, TransportError>>;
 }
 
+/// Fault injection into the actors themselves. Production uses [`NoChaos`]; the simulator
+/// makes handlers panic to prove that supervision loses nothing.
+pub trait Chaos: Send + Sync + 'static {
+    /// Whether the handler at `site` should panic now.
+    fn panic_at(&self, site: &'static str) -> bool;
+}
+
+/// No injected faults.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoChaos;
+
+impl Chaos for NoChaos {
+    fn panic_at(&self, _site: &'static str) -> bool {
+        false
+    }
+}
+
+/// Panics when the chaos port says so: an injected fault, never a real one.
+pub fn maybe_panic(chaos: &dyn Chaos, site: &'static str) {
+    if chaos.panic_at(site) {
+        panic!("injected fault in the {site} actor");
+    }
+}
+
 /// Everything an engine instance reaches the world through.
 #[derive(Clone)]
 pub struct Ports {
@@ -230,6 +263,7 @@ pub struct Ports {
     pub dedup: Arc<dyn DedupStore>,
     pub store: Arc<dyn StateStore>,
     pub http: Arc<dyn HttpTransport>,
+    pub chaos: Arc<dyn Chaos>,
 }
 
 impl fmt::Debug for Ports {

@@ -48,6 +48,18 @@ pub struct TargetSettings {
     pub retry: RetryPolicy,
 }
 
+/// Deliberately broken variants of the pipeline, for the simulator to prove it notices them.
+/// No configuration key reaches them: production always runs with the default (all off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineFaults {
+    /// (a) Mark an event processed when it arrives, before it is delivered.
+    pub mark_before_delivery: bool,
+    /// (b) Acknowledge a message as soon as it is read, before its effect is durable.
+    pub ack_before_durable: bool,
+    /// (c) Send every queued delivery at once instead of one at a time per user and side.
+    pub unordered_delivery: bool,
+}
+
 /// The pipeline's settings.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
@@ -62,6 +74,8 @@ pub struct PipelineSettings {
     pub policy: Policy,
     pub payload: Option<TargetSettings>,
     pub better_auth: Option<TargetSettings>,
+    /// All off outside the simulator.
+    pub faults: EngineFaults,
 }
 
 impl PipelineSettings {

@@ -178,6 +178,7 @@ impl Actor for UserActor {
         if !matches!(message, UserMsg::IdleCheck | UserMsg::KeepAlive) {
             state.last_activity = Instant::now();
         }
+        crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "user");
         match message {
             UserMsg::Event(routed) => on_event(&myself, state, routed).await?,
             UserMsg::Delivered {
@@ -290,6 +291,10 @@ async fn on_event(
         incoming,
     } = routed;
     ensure_loaded(state).await?;
+    if state.args.settings.faults.mark_before_delivery {
+        let ids = [event.envelope.id.clone()];
+        let _ = state.args.ports.dedup.mark(sink, &ids).await;
+    }
     let policy = state.args.settings.policy;
     let seq = state.next_seq;
     state.next_seq += 1;
@@ -326,8 +331,9 @@ async fn on_event(
         .filter(|s| settings.target(s.side).is_some())
         .collect();
     if !decision.replayed {
+        let now_ms = state.args.ports.clock.now_ms();
         for send in &sends {
-            sync.on_queued(&envelope.id, send);
+            sync.on_queued(&envelope.id, send, now_ms);
         }
     }
     tracing::debug!(
@@ -436,7 +442,27 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
         .target(side)
         .map(|t| t.timeout)
         .unwrap_or(Duration::from_secs(10));
+    let unordered = state.args.settings.faults.unordered_delivery;
     let line = state.line(side);
+    if unordered && line.busy != Busy::Idle {
+        // The broken variant: send the next one regardless (see `EngineFaults`).
+        if let Some(next) = line.queue.iter_mut().find(|p| p.attempts == 0) {
+            next.attempts = 1;
+            let request = DeliveryRequest {
+                key,
+                side,
+                webhook_id: next.send.webhook_id.clone(),
+                event_type: next.send.event_type,
+                state: next.send.state.clone(),
+                timestamp_ms: next.send.timestamp_ms,
+                attempt: 1,
+                token: u64::MAX,
+                reply: myself.clone(),
+            };
+            slot.cast(DeliveryMsg::Deliver(request));
+        }
+        return;
+    }
     if line.busy != Busy::Idle {
         return;
     }

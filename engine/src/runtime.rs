@@ -44,6 +44,7 @@ pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings
         },
         payload: target(Origin::Payload),
         better_auth: target(Origin::BetterAuth),
+        faults: actors::settings::EngineFaults::default(),
     }
 }
 
@@ -128,6 +129,7 @@ pub async fn run(
         dedup,
         store,
         http: Arc::new(ReqwestTransport::new(max_concurrency)?),
+        chaos: Arc::new(actors::ports::NoChaos),
     };
     let pipeline = Pipeline::start(PipelineArgs {
         ports,

@@ -25,6 +25,7 @@ pub struct EnvOptions {
     pub retry_initial: &'static str,
     pub retry_max: &'static str,
     pub ack_wait: &'static str,
+    pub user_idle_timeout: &'static str,
     pub extra_toml: String,
 }
 
@@ -37,6 +38,7 @@ impl Default for EnvOptions {
             retry_initial: "50ms",
             retry_max: "400ms",
             ack_wait: "5s",
+            user_idle_timeout: "5m",
             extra_toml: String::new(),
         }
     }
@@ -70,6 +72,7 @@ impl TestEnv {
             r#"
 [engine]
 shutdown_grace = "5s"
+user_idle_timeout = "{idle}"
 clock_skew = "500ms"
 [nats]
 url = "{NATS_URL}"
@@ -107,6 +110,7 @@ level = "info"
 {extra}
 "#,
             ack_wait = options.ack_wait,
+            idle = options.user_idle_timeout,
             backend = if options.dedup_redis {
                 "redis"
             } else {

@@ -408,3 +408,129 @@ async fn every_bad_input_is_dead_lettered_with_its_reason_while_good_events_flow
     payload.wait_accepted(WAIT, |r| r.len() >= bad.len()).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dedup_and_postgres_store_run_the_pipeline() {
+    let name = format!("sync_pipe_{}", uuid::Uuid::new_v4().simple());
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(tests::env::POSTGRES_ADMIN_URL)
+            .await
+            .expect("PostgreSQL must run on 127.0.0.1:5432");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+    }
+    let (payload, better_auth, mut env) = world(EnvOptions {
+        dedup_redis: true,
+        store_url: Some(format!("postgres://postgres@127.0.0.1:5432/{name}")),
+        ..EnvOptions::default()
+    })
+    .await;
+    env.start_engine().await;
+    let t = now_ms();
+    for u in 0..50 {
+        env.publish(
+            &format!("pg-{u}"),
+            BA,
+            EventType::Created,
+            t,
+            json!({"id": format!("u{u}"), "email": "a@x"}),
+        )
+        .await;
+        env.publish(
+            &format!("pp-{u}"),
+            PL,
+            EventType::Updated,
+            t + 1,
+            json!({"betterAuthUserId": format!("u{u}"), "fullName": format!("P{u}")}),
+        )
+        .await;
+    }
+    payload.wait_accepted(WAIT, |r| r.len() >= 50).await;
+    better_auth.wait_accepted(WAIT, |r| r.len() >= 50).await;
+    // The state lives in PostgreSQL: one row per user.
+    {
+        use sqlx::Connection;
+        let mut conn =
+            sqlx::PgConnection::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+                .await
+                .expect("connect");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM user_state")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+        assert_eq!(rows, 50);
+    }
+    // And the processed ids in Redis, one key per id and sink, each with its own expiry.
+    let client = redis::Client::open(tests::env::REDIS_URL).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must run on 127.0.0.1:6379");
+    let key = format!("t{}:done:payload:pg-0", env.id);
+    let mut ttl: i64 = -2;
+    for _ in 0..200 {
+        ttl = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        if ttl != -2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ttl > 0, "{key} has its own expiry (PTTL {ttl})");
+    env.cleanup().await;
+    use sqlx::Connection;
+    if let Ok(mut admin) = sqlx::PgConnection::connect(tests::env::POSTGRES_ADMIN_URL).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_user_actors_are_reaped_and_come_back_with_their_state() {
+    let (payload, _better_auth, mut env) = world(EnvOptions {
+        user_idle_timeout: "300ms",
+        ..EnvOptions::default()
+    })
+    .await;
+    env.start_engine().await;
+    let t = now_ms();
+    for u in 0..10 {
+        env.publish(
+            &format!("i-{u}"),
+            BA,
+            EventType::Created,
+            t,
+            json!({"id": format!("u{u}"), "email": "a@x", "name": "A"}),
+        )
+        .await;
+    }
+    payload.wait_accepted(WAIT, |r| r.len() >= 10).await;
+    let mut active = env.metric("sync_engine_users_active").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while active > 0.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        active = env.metric("sync_engine_users_active").await;
+    }
+    assert_eq!(active, 0.0, "idle user actors are stopped");
+    // The reaped user's state comes back from the store: an older write still loses.
+    env.publish(
+        "i-old",
+        PL,
+        EventType::Updated,
+        t - 1_000,
+        json!({"betterAuthUserId": "u0", "fullName": "Old"}),
+    )
+    .await;
+    let accepted = payload.wait_accepted(WAIT, |r| r.len() >= 11).await;
+    let resync = accepted.last().expect("a resync");
+    assert_eq!(resync.webhook_id(), "i-old:resync");
+    assert_eq!(resync.data("fullName"), "A");
+    env.cleanup().await;
+}

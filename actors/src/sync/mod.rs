@@ -59,11 +59,17 @@ pub struct SideState {
     pub last_delivery_ms: Option<i64>,
     /// States sent to this side whose echo has not come back, oldest first.
     pub echoes_due: VecDeque<Known>,
-    /// What the side held before the last delivery it accepted: an event written before that
-    /// delivery landed still reports these values, which are not new writes.
+    /// The values the side itself last reported, per field (never forgotten, unlike `known`).
     #[serde(default)]
-    pub known_before_delivery: Option<CanonicalFields>,
+    pub reported: CanonicalFields,
+    /// States sent to the side, with the engine time they were queued, newest last (at most
+    /// [`SENT_MAX`]). A side's event may carry any of them as a stale copy.
+    #[serde(default)]
+    pub sent: VecDeque<(i64, CanonicalFields)>,
 }
+
+/// How many sent states per side are remembered for telling stale copies from edits.
+pub const SENT_MAX: usize = 16;
 
 impl Default for SideState {
     fn default() -> Self {
@@ -71,7 +77,8 @@ impl Default for SideState {
             known: Known::Unknown,
             last_delivery_ms: None,
             echoes_due: VecDeque::new(),
-            known_before_delivery: None,
+            reported: CanonicalFields::new(),
+            sent: VecDeque::new(),
         }
     }
 }
@@ -271,6 +278,7 @@ impl SyncState {
             self.record.remember(event.id);
             return Verdict::Echo;
         }
+        tracing::trace!(event_id = event.id, fields = ?event.fields, due = ?self.side(event.origin).echoes_due, "not an echo");
         let skew = policy.clock_skew_ms;
         let in_window = self
             .side(event.origin)
@@ -279,7 +287,7 @@ impl SyncState {
         let outcome = if policy.faults.skip_merge {
             self.apply_blindly(event)
         } else {
-            let written = self.written_fields(event, in_window);
+            let written = self.written_fields(event, skew);
             self.record.merge(
                 event.id,
                 event.origin,
@@ -289,6 +297,8 @@ impl SyncState {
             )
         };
         let side = self.side_mut(event.origin);
+        side.reported
+            .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
         side.known = match (event.event_type, &side.known) {
             (EventType::Deleted, _) => Known::Deleted,
             (_, Known::Holds(held)) => {
@@ -306,32 +316,32 @@ impl SyncState {
         Verdict::Merged(outcome)
     }
 
-    /// The fields an event actually wrote. Applications publish the whole user, so a field
-    /// that still has the value its side was known to hold is not an edit: counting it would
-    /// let a concurrent edit of another field on the other side be overwritten by a stale copy.
-    /// Inside the overwritten window (§5.5) the values the side held before the last delivery
-    /// are stale copies too.
-    fn written_fields(&self, event: EventView<'_>, in_window: bool) -> CanonicalFields {
-        let side = self.side(event.origin);
-        let Known::Holds(known) = &side.known else {
-            return event.fields.clone();
-        };
+    /// The fields an event actually wrote. Applications publish the whole user, not what
+    /// changed, so a field counts as written only if its value is none the side may already
+    /// have held: not what it last reported, not what it is known to hold, and not any state
+    /// the engine sent it before the write (within the clock skew). Counting such stale copies
+    /// as writes would let them overwrite newer edits made on the other side.
+    fn written_fields(&self, event: EventView<'_>, skew_ms: i64) -> CanonicalFields {
         if event.event_type == EventType::Created {
             return event.fields.clone();
         }
-        let same = |held: Option<&Value>, value: &Value| held.unwrap_or(&Value::Null) == value;
+        let side = self.side(event.origin);
+        let held = |name: &str, value: &Value| {
+            let same = |v: Option<&Value>| v.unwrap_or(&Value::Null) == value;
+            let known = match &side.known {
+                Known::Holds(fields) => same(fields.get(name)),
+                _ => false,
+            };
+            known
+                || (side.reported.contains_key(name) && same(side.reported.get(name)))
+                || side.sent.iter().any(|(at, fields)| {
+                    *at <= event.timestamp_ms.saturating_add(skew_ms) && same(fields.get(name))
+                })
+        };
         event
             .fields
             .iter()
-            .filter(|(name, value)| {
-                let unchanged = same(known.get(*name), value);
-                let stale = in_window
-                    && side
-                        .known_before_delivery
-                        .as_ref()
-                        .is_some_and(|before| same(before.get(*name), value));
-                !unchanged && !stale
-            })
+            .filter(|(name, value)| !held(name, value))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect()
     }
@@ -390,14 +400,20 @@ impl SyncState {
         MergeOutcome::Changed
     }
 
-    /// `send`, decided for `event_id`, was queued: it is remembered until it settles, and its
-    /// echo may come back from now on.
-    pub fn on_queued(&mut self, event_id: &str, send: &Send) {
-        let due = &mut self.side_mut(send.side).echoes_due;
-        if due.len() >= ECHOES_DUE_MAX {
-            due.pop_front();
+    /// `send`, decided for `event_id` at engine time `now_ms`, was queued: it is remembered
+    /// until it settles, and its echo (or stale copies of it) may come back from now on.
+    pub fn on_queued(&mut self, event_id: &str, send: &Send, now_ms: i64) {
+        let side = self.side_mut(send.side);
+        if side.echoes_due.len() >= ECHOES_DUE_MAX {
+            side.echoes_due.pop_front();
         }
-        due.push_back(send.state.clone());
+        side.echoes_due.push_back(send.state.clone());
+        if let Known::Holds(fields) = &send.state {
+            if side.sent.len() >= SENT_MAX {
+                side.sent.pop_front();
+            }
+            side.sent.push_back((now_ms, fields.clone()));
+        }
         if self.outbox.len() >= OUTBOX_MAX {
             self.outbox.pop_front();
         }
@@ -417,10 +433,6 @@ impl SyncState {
     pub fn on_delivered(&mut self, side: Origin, state: &Known, event_ids: &[String], now_ms: i64) {
         self.settle(side, event_ids);
         let side = self.side_mut(side);
-        side.known_before_delivery = match &side.known {
-            Known::Holds(fields) => Some(fields.clone()),
-            _ => None,
-        };
         side.known = state.clone();
         side.last_delivery_ms = Some(now_ms);
     }

@@ -49,7 +49,7 @@ impl World {
         let decision = self.state.on_event(view, &policy(), &|_| None, &|_| false);
         if !decision.replayed {
             for send in &decision.sends {
-                self.state.on_queued(id, send);
+                self.state.on_queued(id, send, self.now_ms);
             }
         }
         decision
