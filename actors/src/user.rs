@@ -105,8 +105,8 @@ struct Held {
     event_id: String,
     /// Deliveries not yet settled.
     waiting_on: u32,
-    /// A delivery it waited for was dead-lettered: its id must not count as processed, or a
-    /// replay of the dead letter would be skipped as a duplicate.
+    /// A delivery it waited for was dead-lettered (kept for logs; a replay of the dead letter
+    /// is published under a new event id, so this id may count as processed).
     dead_lettered: bool,
 }
 
@@ -269,8 +269,8 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> 
                     send: entry.send,
                     waiting: Vec::new(),
                     attempts: 0,
-                    subject: String::new(),
-                    raw: Bytes::new(),
+                    subject: entry.subject,
+                    raw: Bytes::from(entry.raw.into_bytes()),
                     event_ids: vec![entry.event_id],
                 }),
             }
@@ -332,8 +332,10 @@ async fn on_event(
         .collect();
     if !decision.replayed {
         let now_ms = state.args.ports.clock.now_ms();
+        // Envelopes were parsed from UTF-8 JSON, so the text is the message byte for byte.
+        let raw = String::from_utf8_lossy(&incoming.payload);
         for send in &sends {
-            sync.on_queued(&envelope.id, send, now_ms);
+            sync.on_queued(&envelope.id, send, now_ms, &incoming.subject, &raw);
         }
     }
     tracing::debug!(
@@ -611,18 +613,12 @@ async fn release(state: &mut UserState, waiting: &[u64], accepted: bool) {
     }
 }
 
-/// Marks the message's id for its sink (unless a delivery of it was dead-lettered), then
-/// acknowledges it.
+/// Marks the message's id for its sink, then acknowledges it.
 async fn finalize(state: &mut UserState, seq: u64) {
     let Some(held) = state.held.remove(&seq) else {
         return;
     };
     let ids = [held.event_id.clone()];
-    if held.dead_lettered {
-        Stats::add(&state.args.stats.acked);
-        held.incoming.ack().await;
-        return;
-    }
     if let Err(error) = state.args.ports.dedup.mark(held.sink, &ids).await {
         // The effect is durable and the state store remembers the id, so a redelivery is
         // still a no-op; only the fast path is lost.

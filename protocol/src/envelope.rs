@@ -196,6 +196,27 @@ impl Envelope {
     }
 }
 
+/// The id a replayed dead letter is published under: a new event id, so that neither the
+/// dedup memory nor a receiver's idempotency skips it, and so that every delivery it causes
+/// gets an id no earlier attempt used. Stays within [`EVENT_ID_LEN_MAX`].
+pub fn replay_id(id: &str, replay: u64) -> String {
+    let suffix = format!(":replay-{replay}");
+    let keep = EVENT_ID_LEN_MAX.saturating_sub(suffix.len()).min(id.len());
+    format!("{}{suffix}", &id[..keep])
+}
+
+/// `raw` with its top-level `id` replaced, when it is a JSON object with a string id;
+/// `None` otherwise (a bad message is replayed byte for byte).
+pub fn with_id(raw: &[u8], id: &str) -> Option<Vec<u8>> {
+    let mut value: Value = serde_json::from_slice(raw).ok()?;
+    let object = value.as_object_mut()?;
+    if !object.get("id")?.is_string() {
+        return None;
+    }
+    object.insert("id".into(), Value::String(id.to_string()));
+    serde_json::to_vec(&value).ok()
+}
+
 /// `A-Za-z0-9_:-`, 1 to 128 characters: no `.`, because Standard Webhooks signs
 /// `{id}.{timestamp}.{body}` and a dot in the id would make that ambiguous.
 pub fn is_valid_event_id(id: &str) -> bool {
@@ -303,6 +324,20 @@ mod tests {
         let json = r#"{"id":"e1","origin":"payload","type":"user.updated","timestamp":5,"data":{"betterAuthUserId":"u1","plan":"pro"}}"#;
         let env = Envelope::parse(json.as_bytes(), 1024).expect("valid");
         assert_eq!(env.data.get("plan"), Some(&Value::String("pro".into())));
+    }
+
+    #[test]
+    fn replays_get_a_new_valid_id() {
+        assert_eq!(replay_id("evt1", 7), "evt1:replay-7");
+        let long = "a".repeat(128);
+        let id = replay_id(&long, 12);
+        assert!(is_valid_event_id(&id) && id.ends_with(":replay-12"));
+        let raw =
+            br#"{"id":"e1","origin":"payload","type":"user.updated","timestamp":1,"data":{}}"#;
+        let replayed = with_id(raw, "e1:replay-1").expect("an envelope");
+        let env = Envelope::parse(&replayed, 1024).expect("still valid");
+        assert_eq!(env.id, "e1:replay-1");
+        assert_eq!(with_id(b"{not json", "x"), None);
     }
 
     #[test]

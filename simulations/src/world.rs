@@ -528,6 +528,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
     }
     let heal_started = clock.virt_ms();
     let mut quiet = false;
+    let mut replays = 0u64;
     let mut last_len = trace.len();
     let mut last_change = clock.virt_ms();
     while clock.virt_ms() - heal_started < QUIET_LIMIT_MS {
@@ -536,13 +537,26 @@ async fn run_world(options: &SimOptions) -> SimReport {
                 problems.push(format!("[lost] a dead-lettered delivery of {:?} cannot be replayed: its message was not kept", letter.event_id));
                 continue;
             }
+            replays += 1;
             trace.record(
                 clock.virt_ms(),
                 "world",
                 "replay",
                 &format!("{:?}", letter.event_id),
             );
-            nats.publish(&letter.subject, letter.raw.clone());
+            // As `sync-engine dlq replay` does: a failed delivery comes back as a new event.
+            let raw = letter
+                .event_id
+                .as_deref()
+                .and_then(|id| {
+                    protocol::envelope::with_id(
+                        &letter.raw,
+                        &protocol::envelope::replay_id(id, replays),
+                    )
+                })
+                .map(Bytes::from)
+                .unwrap_or_else(|| letter.raw.clone());
+            nats.publish(&letter.subject, raw);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let len = trace.len();

@@ -7,9 +7,9 @@
 //! a crash or a dead letter needs no special path: the next event for the user, or the
 //! redelivery of the unacknowledged one, sends whatever is missing.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
-use protocol::delivery::webhook_id;
+use protocol::delivery::{webhook_id, RESYNC_SUFFIX};
 use protocol::merge::MergeOutcome;
 use protocol::user::CanonicalFields;
 use protocol::{EventType, Origin, UserRecord};
@@ -18,7 +18,7 @@ use serde_json::Value;
 
 /// How many delivered states per side may still be echoed back. Older ones are forgotten;
 /// an echo of a forgotten state is taken as a write, which costs one extra delivery, not a loop.
-pub const ECHOES_DUE_MAX: usize = 16;
+pub const ECHOES_DUE_MAX: usize = 32;
 
 /// What a side holds, as far as the engine knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,14 +62,26 @@ pub struct SideState {
     /// The values the side itself last reported, per field (never forgotten, unlike `known`).
     #[serde(default)]
     pub reported: CanonicalFields,
-    /// States sent to the side, with the engine time they were queued, newest last (at most
-    /// [`SENT_MAX`]). A side's event may carry any of them as a stale copy.
+    /// Per field, the values sent to the side (as hashes) with the engine time they were
+    /// queued, newest last, at most [`SENT_VALUES_MAX`] per field. A side's event may carry
+    /// any of them as a stale copy: a late echo, or a snapshot taken before a newer write.
     #[serde(default)]
-    pub sent: VecDeque<(i64, CanonicalFields)>,
+    pub sent_values: BTreeMap<String, VecDeque<(i64, u64)>>,
 }
 
-/// How many sent states per side are remembered for telling stale copies from edits.
-pub const SENT_MAX: usize = 16;
+/// How many sent values per field and side are remembered for telling stale copies from edits.
+pub const SENT_VALUES_MAX: usize = 64;
+
+/// A stable 64-bit hash of a JSON value (FNV-1a of its canonical text).
+pub fn value_hash(value: &Value) -> u64 {
+    let text = value.to_string();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
 
 impl Default for SideState {
     fn default() -> Self {
@@ -78,7 +90,7 @@ impl Default for SideState {
             last_delivery_ms: None,
             echoes_due: VecDeque::new(),
             reported: CanonicalFields::new(),
-            sent: VecDeque::new(),
+            sent_values: BTreeMap::new(),
         }
     }
 }
@@ -94,6 +106,12 @@ pub const OUTBOX_MAX: usize = 1024;
 pub struct OutboxEntry {
     pub event_id: String,
     pub send: Send,
+    /// The event's subject and text, so a delivery restored after a crash can still be
+    /// dead-lettered in a replayable form before its message comes back.
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub raw: String,
 }
 
 /// Everything the engine keeps durable about one user.
@@ -105,6 +123,10 @@ pub struct SyncState {
     /// Deliveries decided and not yet accepted or dead-lettered, oldest first.
     #[serde(default)]
     pub outbox: VecDeque<OutboxEntry>,
+    /// How many times the canonical user was sent again for an event already handled; gives
+    /// such sends a fresh `webhook-id` (see [`Decision`]).
+    #[serde(default)]
+    pub resends: u64,
 }
 
 /// What an event was, for logs and metrics.
@@ -234,6 +256,13 @@ impl SyncState {
                 };
             }
         }
+        // A duplicate that still finds a side behind (a replayed dead letter, a redelivery
+        // after its deliveries settled): its event's ids may already have been applied with
+        // older content, and receivers skip ids they applied, so it goes under a fresh one.
+        let resend = (verdict == Verdict::Duplicate).then(|| {
+            self.resends += 1;
+            self.resends
+        });
         let mut sends = Vec::new();
         let target = self.target_state();
         for side in Origin::ALL {
@@ -253,7 +282,10 @@ impl SyncState {
             };
             sends.push(Send {
                 side,
-                webhook_id: webhook_id(event.id, event.origin, side),
+                webhook_id: match resend {
+                    Some(n) => format!("{}{RESYNC_SUFFIX}-{n}", event.id),
+                    None => webhook_id(event.id, event.origin, side),
+                },
                 event_type,
                 state: target.clone(),
                 timestamp_ms: self.record.latest_ts(),
@@ -278,7 +310,6 @@ impl SyncState {
             self.record.remember(event.id);
             return Verdict::Echo;
         }
-        tracing::trace!(event_id = event.id, fields = ?event.fields, due = ?self.side(event.origin).echoes_due, "not an echo");
         let skew = policy.clock_skew_ms;
         let in_window = self
             .side(event.origin)
@@ -334,8 +365,10 @@ impl SyncState {
             };
             known
                 || (side.reported.contains_key(name) && same(side.reported.get(name)))
-                || side.sent.iter().any(|(at, fields)| {
-                    *at <= event.timestamp_ms.saturating_add(skew_ms) && same(fields.get(name))
+                || side.sent_values.get(name).is_some_and(|sent| {
+                    let hash = value_hash(value);
+                    let before = event.timestamp_ms.saturating_add(skew_ms);
+                    sent.iter().any(|(at, h)| *h == hash && *at <= before)
                 })
         };
         event
@@ -400,19 +433,35 @@ impl SyncState {
         MergeOutcome::Changed
     }
 
-    /// `send`, decided for `event_id` at engine time `now_ms`, was queued: it is remembered
-    /// until it settles, and its echo (or stale copies of it) may come back from now on.
-    pub fn on_queued(&mut self, event_id: &str, send: &Send, now_ms: i64) {
+    /// `send`, decided for `event_id` (from `subject`, text `raw`) at engine time `now_ms`, was
+    /// queued: it is remembered until it settles, and its echo (or stale copies of it) may
+    /// come back from now on.
+    pub fn on_queued(
+        &mut self,
+        event_id: &str,
+        send: &Send,
+        now_ms: i64,
+        subject: &str,
+        raw: &str,
+    ) {
         let side = self.side_mut(send.side);
         if side.echoes_due.len() >= ECHOES_DUE_MAX {
             side.echoes_due.pop_front();
         }
         side.echoes_due.push_back(send.state.clone());
         if let Known::Holds(fields) = &send.state {
-            if side.sent.len() >= SENT_MAX {
-                side.sent.pop_front();
+            for (name, value) in fields {
+                let sent = side.sent_values.entry(name.clone()).or_default();
+                let hash = value_hash(value);
+                // The same value sent again only refreshes nothing: its first time counts.
+                if sent.iter().any(|(_, h)| *h == hash) {
+                    continue;
+                }
+                if sent.len() >= SENT_VALUES_MAX {
+                    sent.pop_front();
+                }
+                sent.push_back((now_ms, hash));
             }
-            side.sent.push_back((now_ms, fields.clone()));
         }
         if self.outbox.len() >= OUTBOX_MAX {
             self.outbox.pop_front();
@@ -420,6 +469,8 @@ impl SyncState {
         self.outbox.push_back(OutboxEntry {
             event_id: event_id.to_string(),
             send: send.clone(),
+            subject: subject.to_string(),
+            raw: raw.to_string(),
         });
     }
 

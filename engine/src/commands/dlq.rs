@@ -36,10 +36,26 @@ pub fn run(args: &DlqArgs) -> anyhow::Result<ExitCode> {
                 let js = async_nats::jetstream::new(client);
                 let mut replayed = 0;
                 for row in rows {
-                    // A fresh Nats-Msg-Id: the original one may still be in JetStream's
-                    // duplicate window, which would drop the replay silently.
-                    let msg_id = format!("replay-{}-{}", row.id, uuid::Uuid::new_v4());
-                    super::publish::publish(&js, &row.subject, &msg_id, row.raw.clone()).await?;
+                    // A failed delivery is replayed as a new event (new id): the old id may be
+                    // remembered as processed, or applied by a receiver in an attempt whose
+                    // answer was lost. A bad message goes again byte for byte.
+                    let (raw, msg_id) = match row.event_id.as_deref() {
+                        Some(event_id) if row.reason.starts_with("delivery_") => {
+                            let id = protocol::envelope::replay_id(event_id, row.id as u64);
+                            match protocol::envelope::with_id(&row.raw, &id) {
+                                Some(raw) => (raw, id),
+                                None => (
+                                    row.raw.clone(),
+                                    format!("replay-{}-{}", row.id, uuid::Uuid::new_v4()),
+                                ),
+                            }
+                        }
+                        _ => (
+                            row.raw.clone(),
+                            format!("replay-{}-{}", row.id, uuid::Uuid::new_v4()),
+                        ),
+                    };
+                    super::publish::publish(&js, &row.subject, &msg_id, raw).await?;
                     store.purge_dead_letters(Some(row.id)).await?;
                     replayed += 1;
                     println!("replayed dead letter {} to {}", row.id, row.subject);
