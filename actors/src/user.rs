@@ -620,13 +620,21 @@ async fn finalize(state: &mut UserState, seq: u64) {
     };
     let ids = [held.event_id.clone()];
     if let Err(error) = state.args.ports.dedup.mark(held.sink, &ids).await {
-        // The effect is durable and the state store remembers the id, so a redelivery is
-        // still a no-op; only the fast path is lost.
-        tracing::warn!(message = "Marking the event processed failed.", event_id = %held.event_id, %error);
+        // Not marked is not done: without the mark, a late republish of this id would be
+        // applied again. It comes back, finds its effect already there, and tries again.
+        tracing::warn!(message = "Marking the event processed failed; it will be redelivered.", event_id = %held.event_id, %error);
+        held.incoming.nak(MARK_RETRY_DELAY).await;
+        return;
+    }
+    if let Some(sync) = state.sync.as_mut() {
+        sync.on_settled(&held.event_id);
     }
     Stats::add(&state.args.stats.acked);
     held.incoming.ack().await;
 }
+
+/// How long a message whose id could not be marked waits before it comes back.
+const MARK_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 fn arm_keepalive(myself: &ActorRef<UserMsg>, state: &mut UserState) {
     if !state.held.is_empty() && !state.keepalive_armed {

@@ -127,7 +127,15 @@ pub struct SyncState {
     /// such sends a fresh `webhook-id` (see [`Decision`]).
     #[serde(default)]
     pub resends: u64,
+    /// Ids of events applied whose messages are not yet settled, oldest first (at most
+    /// [`UNSETTLED_MAX`]). Unlike the record's recent ids they are not pushed out by newer
+    /// events, so a message that keeps coming back is recognised however long it takes.
+    #[serde(default)]
+    pub unsettled: VecDeque<String>,
 }
+
+/// A bound on remembered unsettled ids per user (`engine.max_in_flight` bounds them anyway).
+pub const UNSETTLED_MAX: usize = 1024;
 
 /// What an event was, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,9 +307,13 @@ impl SyncState {
     }
 
     fn classify_and_apply(&mut self, event: EventView<'_>, policy: &Policy) -> Verdict {
-        if self.record.has_seen(event.id) {
+        if self.record.has_seen(event.id) || self.unsettled.iter().any(|id| id == event.id) {
             return Verdict::Duplicate;
         }
+        if self.unsettled.len() >= UNSETTLED_MAX {
+            self.unsettled.pop_front();
+        }
+        self.unsettled.push_back(event.id.to_string());
         if event.event_type != EventType::Deleted
             && !self.record.is_deleted()
             && !policy.faults.no_echo_suppression
@@ -472,6 +484,14 @@ impl SyncState {
             subject: subject.to_string(),
             raw: raw.to_string(),
         });
+    }
+
+    /// The message of `event_id` was settled (acknowledged): its id no longer needs keeping
+    /// beyond the record's recent ids. Saved with the next change of the state.
+    pub fn on_settled(&mut self, event_id: &str) {
+        if let Some(index) = self.unsettled.iter().position(|id| id == event_id) {
+            self.unsettled.remove(index);
+        }
     }
 
     /// A delivery to `side` covering `event_ids` settled; it is no longer owed.
