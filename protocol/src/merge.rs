@@ -36,7 +36,14 @@ pub struct UserRecord {
     pub deleted_at: Option<i64>,
     /// Ids of the latest applied events, oldest first, at most [`RECENT_IDS_MAX`].
     pub recent_ids: VecDeque<String>,
+    /// Per field, the latest writes (winners and losers, in the order they were applied), at
+    /// most [`HISTORY_MAX`]: what [`UserRecord::backdate`] re-decides from.
+    #[serde(default)]
+    pub history: BTreeMap<String, Vec<FieldStamp>>,
 }
+
+/// How many writes per field the record keeps for re-deciding a winner.
+pub const HISTORY_MAX: usize = 8;
 
 /// What applying one event did to the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,26 +116,21 @@ impl UserRecord {
         }
         let mut changed = false;
         for (name, value) in fields {
+            let write = FieldStamp {
+                value: value.clone(),
+                ts,
+                origin,
+            };
+            self.remember_write(name, write.clone());
             match self.fields.get_mut(name) {
                 Some(held) if !wins(ts, origin, held) => {}
                 Some(held) => {
                     changed |= held.value != *value;
-                    *held = FieldStamp {
-                        value: value.clone(),
-                        ts,
-                        origin,
-                    };
+                    *held = write;
                 }
                 None => {
                     changed = true;
-                    self.fields.insert(
-                        name.clone(),
-                        FieldStamp {
-                            value: value.clone(),
-                            ts,
-                            origin,
-                        },
-                    );
+                    self.fields.insert(name.clone(), write);
                 }
             }
         }
@@ -137,6 +139,63 @@ impl UserRecord {
         } else {
             MergeOutcome::Unchanged
         }
+    }
+
+    fn remember_write(&mut self, name: &str, write: FieldStamp) {
+        let winner_ts = self.fields.get(name).map(|w| (w.ts, w.origin));
+        let history = self.history.entry(name.to_string()).or_default();
+        history.push(write);
+        if history.len() > HISTORY_MAX {
+            // Forget the oldest write that is not the current winner.
+            let oldest = history
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| Some((w.ts, w.origin)) != winner_ts)
+                .min_by_key(|(_, w)| w.ts)
+                .map(|(i, _)| i);
+            if let Some(index) = oldest {
+                history.remove(index);
+            }
+        }
+    }
+
+    /// An event of `origin` committed at `ts` reports `reported`: every value in it existed on
+    /// that side at `ts` already. A write of `origin` with the same value that was stamped
+    /// later (it was first seen in a snapshot processed before this older one, after a
+    /// redelivery reordered them) is moved back to `ts`, and the field's winner re-decided.
+    /// Returns whether the canonical user changed.
+    pub fn backdate(&mut self, origin: Origin, ts: i64, reported: &CanonicalFields) -> bool {
+        if self.is_deleted() {
+            return false;
+        }
+        let mut changed = false;
+        for (name, value) in reported {
+            let Some(history) = self.history.get_mut(name) else {
+                continue;
+            };
+            let mut moved = false;
+            for write in history.iter_mut() {
+                if write.origin == origin && write.value == *value && write.ts > ts {
+                    write.ts = ts;
+                    moved = true;
+                }
+            }
+            if !moved {
+                continue;
+            }
+            let mut winner: Option<&FieldStamp> = None;
+            for write in history.iter() {
+                if winner.is_none_or(|held| wins(write.ts, write.origin, held)) {
+                    winner = Some(write);
+                }
+            }
+            if let Some(winner) = winner.cloned() {
+                let before = self.fields.get(name).map(|w| w.value.clone());
+                changed |= before.as_ref() != Some(&winner.value);
+                self.fields.insert(name.clone(), winner);
+            }
+        }
+        changed
     }
 
     /// The canonical user: each field's winning value.
@@ -213,6 +272,21 @@ mod tests {
             &fields(json!({"name":"B2"})),
         );
         assert_eq!(r.canonical_fields()["name"], json!("B2"));
+    }
+
+    #[test]
+    fn a_late_older_snapshot_backdates_a_value_first_seen_later() {
+        let mut r = UserRecord::default();
+        let up = EventType::Updated;
+        // Better Auth's snapshot at t=20 is processed first; it carries the image Better Auth
+        // really wrote at t=5 (that event comes later, reordered by a redelivery).
+        r.merge("b20", Origin::BetterAuth, up, 20, &fields(json!({"image":"old"})));
+        // Payload's concurrent edit at t=20 loses the tie to the misdated write.
+        r.merge("p20", Origin::Payload, up, 20, &fields(json!({"image":"new"})));
+        assert_eq!(r.canonical_fields()["image"], json!("old"));
+        // The older event arrives: "old" existed at t=5, so Payload's t=20 edit wins.
+        assert!(r.backdate(Origin::BetterAuth, 5, &fields(json!({"image":"old"}))));
+        assert_eq!(r.canonical_fields()["image"], json!("new"));
     }
 
     #[test]

@@ -331,13 +331,20 @@ impl SyncState {
             self.apply_blindly(event)
         } else {
             let written = self.written_fields(event, skew);
-            self.record.merge(
+            let outcome = self.record.merge(
                 event.id,
                 event.origin,
                 event.event_type,
                 event.timestamp_ms,
                 &written,
-            )
+            );
+            let backdated = self
+                .record
+                .backdate(event.origin, event.timestamp_ms, event.fields);
+            match outcome {
+                MergeOutcome::Unchanged if backdated => MergeOutcome::Changed,
+                other => other,
+            }
         };
         let side = self.side_mut(event.origin);
         side.reported
