@@ -132,6 +132,11 @@ pub struct SyncState {
     /// events, so a message that keeps coming back is recognised however long it takes.
     #[serde(default)]
     pub unsettled: VecDeque<String>,
+    /// The highest `timestamp` sent for this user: deliveries carry non-decreasing
+    /// timestamps, so a receiver can refuse anything older than what it applied, even when a
+    /// late, older event moved a field's write time back.
+    #[serde(default)]
+    pub sent_ts_ms: i64,
 }
 
 /// A bound on remembered unsettled ids per user (`engine.max_in_flight` bounds them anyway).
@@ -273,6 +278,7 @@ impl SyncState {
         });
         let mut sends = Vec::new();
         let target = self.target_state();
+        let timestamp_ms = self.record.latest_ts().max(self.sent_ts_ms);
         for side in Origin::ALL {
             if policy.faults.no_resync && side == event.origin {
                 continue;
@@ -296,8 +302,11 @@ impl SyncState {
                 },
                 event_type,
                 state: target.clone(),
-                timestamp_ms: self.record.latest_ts(),
+                timestamp_ms,
             });
+        }
+        if !sends.is_empty() {
+            self.sent_ts_ms = timestamp_ms;
         }
         Decision {
             verdict,
