@@ -4,6 +4,7 @@
 //! It holds no per-user state, so a crash loses nothing: the user actor's line notices the
 //! missing answer and retries.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -54,10 +55,39 @@ pub enum DeliveryOutcome {
     Permanent { error: String },
 }
 
+/// Per user, the requests to one target go out one after the other, in the order they were
+/// handed over, even across a restart of the user actor that asked: a request of a crashed
+/// user actor may still be in flight when its successor sends the next one. Shared by the
+/// delivery actor's incarnations (it lives in the supervisor), so it survives their restarts.
+#[derive(Debug, Default)]
+pub struct UserLanes(std::sync::Mutex<HashMap<UserKey, Arc<tokio::sync::Mutex<()>>>>);
+
+impl UserLanes {
+    fn lane(&self, key: &UserKey) -> Arc<tokio::sync::Mutex<()>> {
+        let Ok(mut lanes) = self.0.lock() else {
+            return Arc::new(tokio::sync::Mutex::new(()));
+        };
+        lanes.entry(key.clone()).or_default().clone()
+    }
+
+    /// Forgets a user's lane once no request holds or awaits it.
+    fn release(&self, key: &UserKey) {
+        if let Ok(mut lanes) = self.0.lock() {
+            if lanes
+                .get(key)
+                .is_some_and(|lane| Arc::strong_count(lane) == 1)
+            {
+                lanes.remove(key);
+            }
+        }
+    }
+}
+
 pub struct DeliveryArgs {
     pub side: Origin,
     pub ports: Ports,
     pub settings: Arc<PipelineSettings>,
+    pub lanes: Arc<UserLanes>,
 }
 
 pub struct DeliveryState {
@@ -104,9 +134,13 @@ impl Actor for DeliveryActor {
         let ports = state.args.ports.clone();
         let target = state.target.clone();
         let permits = state.permits.clone();
+        let lanes = state.args.lanes.clone();
+        // Lanes are taken in the order requests arrive here (tokio's mutex is fair).
+        let lane = lanes.lane(&request.key);
         // Requests run concurrently, each reporting back on its own; the actor only starts
         // them, so a slow receiver never blocks this mailbox.
         tokio::spawn(async move {
+            let turn = lane.lock_owned().await;
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
@@ -129,6 +163,8 @@ impl Actor for DeliveryActor {
                 })
                 .await;
             let outcome = classify(response, ports.clock.now_ms());
+            drop(turn);
+            lanes.release(&request.key);
             let _ = request.reply.cast(UserMsg::Delivered {
                 side: request.side,
                 token: request.token,

@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::dedup::{DedupActor, DedupArgs, DedupMsg};
-use crate::delivery::{DeliveryActor, DeliveryArgs, DeliveryMsg};
+use crate::delivery::{DeliveryActor, DeliveryArgs, DeliveryMsg, UserLanes};
 use crate::ingest::{IngestActor, IngestArgs, IngestMsg};
 use crate::ports::{EventSource, Ports};
 use crate::router::{RouterActor, RouterArgs, RouterMsg};
@@ -64,6 +64,8 @@ pub struct PipelineState {
     children: BTreeMap<ActorId, Child>,
     restarts: Vec<Instant>,
     paused: bool,
+    payload_lanes: Arc<UserLanes>,
+    better_auth_lanes: Arc<UserLanes>,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +87,10 @@ impl PipelineActor {
                     side,
                     ports,
                     settings,
+                    lanes: match side {
+                        Origin::Payload => state.payload_lanes.clone(),
+                        Origin::BetterAuth => state.better_auth_lanes.clone(),
+                    },
                 };
                 let (actor, _) = Actor::spawn_linked(None, DeliveryActor, args, cell).await?;
                 let id = actor.get_id();
@@ -173,6 +179,8 @@ impl Actor for PipelineActor {
             children: BTreeMap::new(),
             restarts: Vec::new(),
             paused: false,
+            payload_lanes: Arc::default(),
+            better_auth_lanes: Arc::default(),
         };
         // Downstream first, so nothing is read before there is somewhere to send it.
         for side in Origin::ALL {

@@ -280,9 +280,21 @@ mod tests {
         let up = EventType::Updated;
         // Better Auth's snapshot at t=20 is processed first; it carries the image Better Auth
         // really wrote at t=5 (that event comes later, reordered by a redelivery).
-        r.merge("b20", Origin::BetterAuth, up, 20, &fields(json!({"image":"old"})));
+        r.merge(
+            "b20",
+            Origin::BetterAuth,
+            up,
+            20,
+            &fields(json!({"image":"old"})),
+        );
         // Payload's concurrent edit at t=20 loses the tie to the misdated write.
-        r.merge("p20", Origin::Payload, up, 20, &fields(json!({"image":"new"})));
+        r.merge(
+            "p20",
+            Origin::Payload,
+            up,
+            20,
+            &fields(json!({"image":"new"})),
+        );
         assert_eq!(r.canonical_fields()["image"], json!("old"));
         // The older event arrives: "old" existed at t=5, so Payload's t=20 edit wins.
         assert!(r.backdate(Origin::BetterAuth, 5, &fields(json!({"image":"old"}))));
