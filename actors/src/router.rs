@@ -6,6 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use protocol::UserKey;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -49,7 +52,14 @@ pub struct RouterState {
     args: RouterArgs,
     users: BTreeMap<UserKey, UserEntry>,
     keys: HashMap<ActorId, UserKey>,
+    /// Users whose actor just failed: their events go back to the source until then, so that
+    /// the ones the dead actor held (handed back first) and the newer ones already on their
+    /// way come again together, in stream order, instead of the newer ones overtaking.
+    quarantine: BTreeMap<UserKey, Instant>,
 }
+
+/// How long a user's events are handed back after its actor failed.
+pub const QUARANTINE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 pub struct RouterActor;
@@ -68,6 +78,7 @@ impl Actor for RouterActor {
             args,
             users: BTreeMap::new(),
             keys: HashMap::new(),
+            quarantine: BTreeMap::new(),
         })
     }
 
@@ -82,6 +93,14 @@ impl Actor for RouterActor {
                 let Some(key) = routed.event.key.clone() else {
                     return Ok(());
                 };
+                if let Some(until) = state.quarantine.get(&key).copied() {
+                    let now = Instant::now();
+                    if now < until {
+                        routed.incoming.nak(until - now).await;
+                        return Ok(());
+                    }
+                    state.quarantine.remove(&key);
+                }
                 if !state.users.contains_key(&key) {
                     let args = UserArgs {
                         key: key.clone(),
@@ -148,6 +167,7 @@ impl Actor for RouterActor {
                 // Its unsettled messages were handed back to the source when it died; the
                 // next one for this user starts a fresh actor from the stored state.
                 tracing::error!(message = "User actor failed; it restarts on the user's next event.", user = %key, %error);
+                state.quarantine.insert(key.clone(), Instant::now() + QUARANTINE);
             }
             let current = state.users.get(&key).map(|e| e.actor.get_id());
             if current == Some(cell.get_id()) {
