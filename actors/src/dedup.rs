@@ -28,9 +28,9 @@ pub struct DedupArgs {
 #[derive(Debug, Default)]
 pub struct DedupActor;
 
-/// When the dedup store cannot answer, the batch goes back to the source for this long rather
-/// than risk delivering duplicates.
-const STORE_DOWN_DELAY: Duration = Duration::from_secs(1);
+/// Backoff while the dedup store cannot answer.
+const STORE_RETRY_INITIAL: Duration = Duration::from_millis(50);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(2);
 
 impl Actor for DedupActor {
     type Msg = DedupMsg;
@@ -58,24 +58,28 @@ impl Actor for DedupActor {
             return Ok(());
         };
         let ids: Vec<String> = batch.iter().map(|r| r.event.envelope.id.clone()).collect();
-        match state.ports.dedup.seen(sink, &ids).await {
-            Ok(seen) => {
-                for (routed, seen) in batch.into_iter().zip(seen) {
-                    if seen {
-                        tracing::debug!(message = "Duplicate skipped.", event_id = %routed.event.envelope.id, %sink);
-                        Stats::add(&state.stats.duplicates);
-                        Stats::add(&state.stats.acked);
-                        routed.incoming.ack().await;
-                    } else {
-                        state.router.cast(RouterMsg::Route(routed));
-                    }
+        // While the store cannot answer, wait here rather than hand the batch back: handing it
+        // back would let later events of the same users overtake it. Everything behind waits
+        // too, which is right: nothing can be deduplicated until the store is back.
+        let mut delay = STORE_RETRY_INITIAL;
+        let seen = loop {
+            match state.ports.dedup.seen(sink, &ids).await {
+                Ok(seen) => break seen,
+                Err(error) => {
+                    tracing::warn!(message = "Dedup store unavailable; retrying.", %error, retry_in_ms = delay.as_millis() as u64);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(STORE_RETRY_MAX);
                 }
             }
-            Err(error) => {
-                tracing::warn!(message = "Dedup store unavailable; handing the batch back.", %error);
-                for routed in batch {
-                    routed.incoming.nak(STORE_DOWN_DELAY).await;
-                }
+        };
+        for (routed, seen) in batch.into_iter().zip(seen) {
+            if seen {
+                tracing::debug!(message = "Duplicate skipped.", event_id = %routed.event.envelope.id, %sink);
+                Stats::add(&state.stats.duplicates);
+                Stats::add(&state.stats.acked);
+                routed.incoming.ack().await;
+            } else {
+                state.router.cast(RouterMsg::Route(routed));
             }
         }
         Ok(())

@@ -167,7 +167,9 @@ impl Actor for RouterActor {
                 // Its unsettled messages were handed back to the source when it died; the
                 // next one for this user starts a fresh actor from the stored state.
                 tracing::error!(message = "User actor failed; it restarts on the user's next event.", user = %key, %error);
-                state.quarantine.insert(key.clone(), Instant::now() + QUARANTINE);
+                state
+                    .quarantine
+                    .insert(key.clone(), Instant::now() + QUARANTINE);
             }
             let current = state.users.get(&key).map(|e| e.actor.get_id());
             if current == Some(cell.get_id()) {
