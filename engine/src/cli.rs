@@ -24,6 +24,40 @@ pub enum Command {
     Publish(PublishArgs),
     /// List, replay or purge dead letters.
     Dlq(DlqArgs),
+    /// Run the deterministic simulation: the real actors against a seeded world of faults.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Run this one seed.
+    #[arg(long, conflicts_with = "seeds")]
+    pub seed: Option<u64>,
+    /// Run this many consecutive seeds.
+    #[arg(long)]
+    pub seeds: Option<u64>,
+    /// The first seed of `--seeds`.
+    #[arg(long, default_value_t = 0)]
+    pub from: u64,
+    /// Workload actions per seed (local edits, deletions, duplicates, bad messages).
+    #[arg(long, default_value_t = 200)]
+    pub events: u64,
+    /// `swarm` (fault rates drawn from the seed), `calm` (no faults) or `storm` (all faults at
+    /// their maximum).
+    #[arg(long, default_value = "swarm")]
+    pub profile: String,
+    /// Run every seed twice and compare the trace hashes; on a difference, show the first
+    /// differing trace entry.
+    #[arg(long)]
+    pub check_determinism: bool,
+    /// Write the canonical trace of the seed to FILE (with `--seed`).
+    #[arg(long, value_name = "FILE", requires = "seed")]
+    pub trace_out: Option<PathBuf>,
+    /// A deliberately broken engine, to see the simulator catch it: mark-before-delivery,
+    /// ack-before-durable, unordered, skip-merge, no-echo-suppression, echo-last-only,
+    /// no-resync.
+    #[arg(long, default_value = "correct", hide = true)]
+    pub variant: String,
 }
 
 #[derive(Debug, Clone, Args)]

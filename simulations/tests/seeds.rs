@@ -1,7 +1,17 @@
-//! Seeded simulation runs. `SIM_SEED=N` replays one seed; `SIM_SEEDS=COUNT` sets how many
-//! consecutive seeds the sweep runs.
+//! Seeded simulation runs of the correct engine.
+//!
+//! - `SIM_SEED=N cargo test -p simulations --test seeds` replays one seed (with `SIM_TRACE=FILE`
+//!   to write its trace, `SIM_LOG=actors=debug` to see the actors' logs);
+//! - otherwise seeds `SIM_FROM..SIM_FROM+SIM_SEEDS` (default 0..1000) run, each twice: both
+//!   runs must pass every invariant and give the same trace hash.
 
-use simulations::{run, Profile, SimOptions};
+use simulations::{run, Profile, SimOptions, SimReport};
+
+const CHUNKS: u64 = 4;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
 
 fn options(seed: u64) -> SimOptions {
     let mut options = SimOptions::new(seed);
@@ -18,12 +28,81 @@ fn options(seed: u64) -> SimOptions {
     options
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
+fn describe(report: &SimReport) -> String {
+    format!(
+        "seed {} ({}): {}\n  replay: SIM_SEED={} cargo test -p simulations --test seeds  (or: sync-engine simulate --seed {})",
+        report.seed,
+        report.summary,
+        report.violations.join("\n    "),
+        report.seed,
+        report.seed
+    )
+}
+
+/// Runs one chunk of the sweep; every seed twice.
+fn sweep(chunk: u64) {
+    if env_u64("SIM_SEED").is_some() {
+        return;
+    }
+    let count = env_u64("SIM_SEEDS").unwrap_or(1000);
+    let from = env_u64("SIM_FROM").unwrap_or(0);
+    let per_chunk = count.div_ceil(CHUNKS);
+    let start = from + chunk * per_chunk;
+    let end = (start + per_chunk).min(from + count);
+    let mut failures = Vec::new();
+    let started = std::time::Instant::now();
+    let mut messages = 0;
+    for seed in start..end {
+        let first = run(&options(seed));
+        let second = run(&options(seed));
+        messages += first.messages + second.messages;
+        if !first.passed() {
+            failures.push(describe(&first));
+        }
+        if first.hash != second.hash {
+            failures.push(format!(
+                "seed {seed} is not deterministic: hash {:016x} then {:016x}; `sync-engine simulate --seed {seed} --check-determinism` shows the first differing trace entry",
+                first.hash, second.hash
+            ));
+        }
+    }
+    eprintln!(
+        "seeds {start}..{end} twice: {messages} messages in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
-fn seeds_pass_their_invariants() {
+fn seeds_chunk_0() {
+    sweep(0);
+}
+
+#[test]
+fn seeds_chunk_1() {
+    sweep(1);
+}
+
+#[test]
+fn seeds_chunk_2() {
+    sweep(2);
+}
+
+#[test]
+fn seeds_chunk_3() {
+    sweep(3);
+}
+
+#[test]
+fn replay_one_seed() {
+    let Some(seed) = env_u64("SIM_SEED") else {
+        return;
+    };
     if let Ok(filter) = std::env::var("SIM_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -31,43 +110,10 @@ fn seeds_pass_their_invariants() {
             .with_writer(std::io::stderr)
             .try_init();
     }
-    if let Some(seed) = env_u64("SIM_SEED") {
-        let report = run(&options(seed));
-        if let Ok(path) = std::env::var("SIM_TRACE") {
-            std::fs::write(&path, report.trace.join("\n")).expect("write trace");
-        }
-        assert!(
-            report.passed(),
-            "seed {seed} failed:\n{}",
-            report.violations.join("\n")
-        );
-        return;
+    let report = run(&options(seed));
+    if let Ok(path) = std::env::var("SIM_TRACE") {
+        std::fs::write(&path, report.trace.join("\n")).expect("write trace");
     }
-    let count = env_u64("SIM_SEEDS").unwrap_or(200);
-    let from = env_u64("SIM_FROM").unwrap_or(0);
-    let mut failures = Vec::new();
-    let started = std::time::Instant::now();
-    let mut messages = 0;
-    for seed in from..from + count {
-        let report = run(&options(seed));
-        messages += report.messages;
-        if !report.passed() {
-            failures.push(format!(
-                "seed {seed} ({}): {}\n  replay: SIM_SEED={seed} cargo test -p simulations --test seeds",
-                report.summary,
-                report.violations.join("\n    ")
-            ));
-        }
-    }
-    eprintln!(
-        "{count} seeds, {messages} messages in {:?} ({:.0} messages/s)",
-        started.elapsed(),
-        messages as f64 / started.elapsed().as_secs_f64()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {count} seeds failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    eprintln!("seed {seed}: hash {:016x}", report.hash);
+    assert!(report.passed(), "{}", describe(&report));
 }

@@ -5,6 +5,7 @@ mod dlq;
 mod publish;
 mod run;
 mod sign;
+mod simulate;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Sign(args) => sign::run(&args),
         Command::Publish(args) => publish::run(&args),
         Command::Dlq(args) => dlq::run(&args),
+        Command::Simulate(args) => simulate::run(&args),
     };
     match result {
         Ok(code) => code,
