@@ -701,6 +701,8 @@ async fn workload(
     oracle: Arc<Mutex<Oracle>>,
 ) {
     let mut created = std::collections::BTreeSet::new();
+    let mut pool: Vec<u64> = Vec::new();
+    let mut next_user = 0u64;
     let mut ba_edit = |rng: &mut SimRng, user: &str, step: u64, oracle: &Mutex<Oracle>| {
         let exists = better_auth.has_user(user);
         if !exists && created.contains(user) {
@@ -718,7 +720,28 @@ async fn workload(
         if gap > 0 {
             tokio::time::sleep(Duration::from_millis(gap)).await;
         }
-        let user = format!("u{}", rng.below(swarm.users));
+        // A pool of `users` live ids; a deleted user's slot goes to a new id (ids are never
+        // reused), so long runs keep editing live users.
+        let slot = rng.below(swarm.users) as usize;
+        if pool.len() < swarm.users as usize {
+            pool.resize_with(swarm.users as usize, || {
+                next_user += 1;
+                next_user - 1
+            });
+        }
+        if oracle
+            .lock()
+            .map(|o| {
+                o.users
+                    .get(&format!("u{}", pool[slot]))
+                    .is_some_and(|u| u.deleted)
+            })
+            .unwrap_or(false)
+        {
+            pool[slot] = next_user;
+            next_user += 1;
+        }
+        let user = format!("u{}", pool[slot]);
         let roll = rng.unit();
         if roll < 0.40 {
             ba_edit(&mut rng, &user, step, &oracle);

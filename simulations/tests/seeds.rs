@@ -39,7 +39,8 @@ fn describe(report: &SimReport) -> String {
     )
 }
 
-/// Runs one chunk of the sweep; every seed twice.
+/// Runs one chunk of the sweep; every seed twice. (Wall time here only reports speed.)
+#[allow(clippy::disallowed_methods)]
 fn sweep(chunk: u64) {
     if env_u64("SIM_SEED").is_some() {
         return;

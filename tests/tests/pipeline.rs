@@ -535,3 +535,76 @@ async fn idle_user_actors_are_reaped_and_come_back_with_their_state() {
     assert_eq!(resync.data("fullName"), "A");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_command_sends_a_well_formed_event_through() {
+    let (payload, _better_auth, mut env) = world(EnvOptions::default()).await;
+    env.start_engine().await;
+    let output = env
+        .command(&[
+            "publish",
+            "--origin",
+            "better-auth",
+            "--type",
+            "user.created",
+            "--user",
+            "u_123",
+            "--email",
+            "ada@example.com",
+            "--name",
+            "Ada Lovelace",
+        ])
+        .output()
+        .expect("run publish");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        stdout.contains(&format!("t{}.user.created.u_123", env.id)),
+        "{stdout}"
+    );
+    let accepted = payload.wait_accepted(WAIT, |r| !r.is_empty()).await;
+    assert_eq!(accepted[0].data("fullName"), "Ada Lovelace");
+    assert_eq!(accepted[0].data("betterAuthUserId"), "u_123");
+    // A Better Auth write without an email would be a dead letter: publish refuses it.
+    let refused = env
+        .command(&[
+            "publish",
+            "--origin",
+            "better-auth",
+            "--type",
+            "user.updated",
+            "--user",
+            "u_1",
+        ])
+        .output()
+        .expect("run publish");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("missing_field:data.email"));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_with_conflicting_subjects_is_a_clear_startup_error() {
+    let (_payload, _better_auth, env) = world(EnvOptions::default()).await;
+    // Someone created the stream with other subjects.
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: env.stream.clone(),
+            subjects: vec![format!("t{}.other.>", env.id)],
+            ..Default::default()
+        })
+        .await
+        .expect("create conflicting stream");
+    let output = env.command(&["run"]).output().expect("run engine");
+    assert!(!output.status.success(), "the engine must refuse to start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&env.stream) && stderr.contains("do not capture"),
+        "{stderr}"
+    );
+    env.cleanup().await;
+}

@@ -62,6 +62,9 @@ pub struct SideState {
     /// The values the side itself last reported, per field (never forgotten, unlike `known`).
     #[serde(default)]
     pub reported: CanonicalFields,
+    /// The commit time of the newest event this side reported.
+    #[serde(default)]
+    pub reported_ts_ms: i64,
     /// Per field, the values sent to the side (as hashes) with the engine time they were
     /// queued, newest last, at most [`SENT_VALUES_MAX`] per field. A side's event may carry
     /// any of them as a stale copy: a late echo, or a snapshot taken before a newer write.
@@ -90,6 +93,7 @@ impl Default for SideState {
             last_delivery_ms: None,
             echoes_due: VecDeque::new(),
             reported: CanonicalFields::new(),
+            reported_ts_ms: 0,
             sent_values: BTreeMap::new(),
         }
     }
@@ -246,6 +250,9 @@ impl SyncState {
         expected: &dyn Fn(Origin) -> Option<Known>,
         queued: &dyn Fn(&str) -> bool,
     ) -> Decision {
+        // An event older than one its side already reported may have been handled before and
+        // forgotten (a republish after the dedup memory was lost): its ids are not safe either.
+        let stale = event.timestamp_ms < self.side(event.origin).reported_ts_ms;
         let verdict = self.classify_and_apply(event, policy);
         if verdict == Verdict::Duplicate {
             if queued(event.id) {
@@ -272,7 +279,7 @@ impl SyncState {
         // A duplicate that still finds a side behind (a replayed dead letter, a redelivery
         // after its deliveries settled): its event's ids may already have been applied with
         // older content, and receivers skip ids they applied, so it goes under a fresh one.
-        let resend = (verdict == Verdict::Duplicate).then(|| {
+        let resend = (verdict == Verdict::Duplicate || stale).then(|| {
             self.resends += 1;
             self.resends
         });
@@ -356,8 +363,11 @@ impl SyncState {
             }
         };
         let side = self.side_mut(event.origin);
-        side.reported
-            .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if event.timestamp_ms >= side.reported_ts_ms {
+            side.reported
+                .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+            side.reported_ts_ms = event.timestamp_ms;
+        }
         side.known = match (event.event_type, &side.known) {
             (EventType::Deleted, _) => Known::Deleted,
             (_, Known::Holds(held)) => {
