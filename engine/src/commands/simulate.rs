@@ -7,6 +7,16 @@ use simulations::{run as run_seed, Profile, SimOptions, Variant};
 
 use crate::cli::SimulateArgs;
 
+/// Prints a line; a closed standard output (`| head`) ends the run quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }};
+}
+
 pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
     let profile = Profile::parse(&args.profile).ok_or_else(|| {
         anyhow::anyhow!(
@@ -60,7 +70,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
             std::fs::write(path, report.trace.join("\n") + "\n")
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
         }
-        println!(
+        out!(
             "seed {seed:>6}  hash {:016x}  {}  {} messages, {:.1} virtual s  ({})",
             report.hash,
             if ok { "PASS" } else { "FAIL" },
@@ -74,7 +84,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         }
         failed += 1;
         for violation in report.violations.iter().chain(&notes) {
-            println!("    {violation}");
+            out!("    {violation}");
         }
         let mut replay = format!(
             "sync-engine simulate --seed {seed} --events {} --profile {}",
@@ -83,10 +93,10 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ExitCode> {
         if variant != Variant::Correct {
             replay.push_str(&format!(" --variant {}", variant.name()));
         }
-        println!("    replay: {replay}");
+        out!("    replay: {replay}");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!(
+    out!(
         "{} seed(s): {passed} passed, {failed} failed; {messages} simulated messages in {elapsed:.1}s ({:.0} messages/s)",
         seeds.len(),
         messages as f64 / elapsed.max(1e-9)
