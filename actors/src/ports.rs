@@ -55,6 +55,9 @@ pub struct Incoming {
     pub payload: Bytes,
     /// How many times the source has delivered this message (1 on the first delivery).
     pub delivered: u64,
+    /// The message's place in its stream (0 when the source has no order): ties between two
+    /// writes of one origin in the same millisecond go to the later one.
+    pub sequence: u64,
     acker: Option<Arc<dyn Acker>>,
     settled: Arc<AtomicBool>,
     _permit: Option<OwnedSemaphorePermit>,
@@ -76,10 +79,17 @@ impl Incoming {
             subject,
             payload,
             delivered,
+            sequence: 0,
             acker: Some(acker),
             settled: Arc::new(AtomicBool::new(false)),
             _permit: None,
         }
+    }
+
+    /// The message's stream sequence.
+    pub fn with_sequence(mut self, sequence: u64) -> Self {
+        self.sequence = sequence;
+        self
     }
 
     /// Ties one unit of `engine.max_in_flight` to this message's lifetime.

@@ -316,6 +316,7 @@ async fn on_event(
         origin: envelope.origin,
         event_type: envelope.event_type,
         timestamp_ms: envelope.timestamp,
+        sequence: incoming.sequence,
         fields: &event.fields,
     };
     let expected = |side: Origin| match side {
@@ -346,6 +347,7 @@ async fn on_event(
         verdict = ?decision.verdict,
         n_sends = sends.len(),
     );
+    tracing::trace!(event_id = %envelope.id, ts = envelope.timestamp, fields = ?event.fields, sends = ?sends, "Event detail.");
     let stats = &state.args.stats;
     match decision.verdict {
         Verdict::Echo => Stats::add(&stats.echoes),

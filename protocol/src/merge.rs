@@ -26,6 +26,10 @@ pub struct FieldStamp {
     /// Commit time at the origin, milliseconds since the epoch.
     pub ts: i64,
     pub origin: Origin,
+    /// The origin's order of the write (the stream sequence of its event), for ties of one
+    /// origin within the same millisecond; 0 when unknown, and then arrival order decides.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// The canonical state of one user: fields with their stamps, and the tombstone.
@@ -63,10 +67,19 @@ pub enum MergeOutcome {
 /// Does a write of `(ts, origin)` beat the held stamp? Same-origin ties go to the incoming
 /// write because events of one origin are applied in that origin's commit order.
 pub fn wins(ts: i64, origin: Origin, held: &FieldStamp) -> bool {
+    wins_seq(ts, origin, 0, held)
+}
+
+/// [`wins`], where a tie within one origin goes to the write later in that origin's order
+/// (`seq`), and to the later arrival when the order is unknown (0) on either side.
+pub fn wins_seq(ts: i64, origin: Origin, seq: u64, held: &FieldStamp) -> bool {
     if ts != held.ts {
         return ts > held.ts;
     }
-    origin == held.origin || origin == Origin::BetterAuth
+    if origin == held.origin {
+        return seq == 0 || held.seq == 0 || seq >= held.seq;
+    }
+    origin == Origin::BetterAuth
 }
 
 impl UserRecord {
@@ -95,6 +108,19 @@ impl UserRecord {
         ts: i64,
         fields: &CanonicalFields,
     ) -> MergeOutcome {
+        self.merge_seq(event_id, origin, event_type, ts, 0, fields)
+    }
+
+    /// [`UserRecord::merge`] of a write whose place in its origin's order is `seq`.
+    pub fn merge_seq(
+        &mut self,
+        event_id: &str,
+        origin: Origin,
+        event_type: EventType,
+        ts: i64,
+        seq: u64,
+        fields: &CanonicalFields,
+    ) -> MergeOutcome {
         if self.has_seen(event_id) {
             return MergeOutcome::Duplicate;
         }
@@ -110,6 +136,7 @@ impl UserRecord {
                     value: id.clone(),
                     ts,
                     origin,
+                    seq,
                 });
             }
             return MergeOutcome::Deleted;
@@ -120,10 +147,11 @@ impl UserRecord {
                 value: value.clone(),
                 ts,
                 origin,
+                seq,
             };
             self.remember_write(name, write.clone());
             match self.fields.get_mut(name) {
-                Some(held) if !wins(ts, origin, held) => {}
+                Some(held) if !wins_seq(ts, origin, seq, held) => {}
                 Some(held) => {
                     changed |= held.value != *value;
                     *held = write;
@@ -185,7 +213,7 @@ impl UserRecord {
             }
             let mut winner: Option<&FieldStamp> = None;
             for write in history.iter() {
-                if winner.is_none_or(|held| wins(write.ts, write.origin, held)) {
+                if winner.is_none_or(|held| wins_seq(write.ts, write.origin, write.seq, held)) {
                     winner = Some(write);
                 }
             }

@@ -238,17 +238,20 @@ impl FakeNats {
                 1
             };
             for _ in 0..copies {
-                out.push(Incoming::new(
-                    stored.subject.clone(),
-                    stored.payload.clone(),
-                    delivered,
-                    Arc::new(FakeAcker {
-                        nats: self.clone(),
-                        sink,
-                        seq,
-                        epoch,
-                    }),
-                ));
+                out.push(
+                    Incoming::new(
+                        stored.subject.clone(),
+                        stored.payload.clone(),
+                        delivered,
+                        Arc::new(FakeAcker {
+                            nats: self.clone(),
+                            sink,
+                            seq,
+                            epoch,
+                        }),
+                    )
+                    .with_sequence(seq),
+                );
             }
             self.trace.record(
                 now,

@@ -65,15 +65,16 @@ pub struct SideState {
     /// The commit time of the newest event this side reported.
     #[serde(default)]
     pub reported_ts_ms: i64,
-    /// Per field, the values sent to the side (as hashes) with the engine time they were
-    /// queued, newest last, at most [`SENT_VALUES_MAX`] per field. A side's event may carry
-    /// any of them as a stale copy: a late echo, or a snapshot taken before a newer write.
+    /// Per field, the values the side is known to have held (as hashes): sent to it (with the
+    /// engine time they were queued) or reported by it (with the event's commit time); newest
+    /// last, at most [`HELD_VALUES_MAX`] per field. A side's event may carry any of them as a
+    /// stale copy: a late echo, a snapshot taken before a newer write, or a replayed old event.
     #[serde(default)]
-    pub sent_values: BTreeMap<String, VecDeque<(i64, u64)>>,
+    pub held_values: BTreeMap<String, VecDeque<(i64, u64)>>,
 }
 
-/// How many sent values per field and side are remembered for telling stale copies from edits.
-pub const SENT_VALUES_MAX: usize = 64;
+/// How many held values per field and side are remembered for telling stale copies from edits.
+pub const HELD_VALUES_MAX: usize = 64;
 
 /// A stable 64-bit hash of a JSON value (FNV-1a of its canonical text).
 pub fn value_hash(value: &Value) -> u64 {
@@ -94,7 +95,7 @@ impl Default for SideState {
             echoes_due: VecDeque::new(),
             reported: CanonicalFields::new(),
             reported_ts_ms: 0,
-            sent_values: BTreeMap::new(),
+            held_values: BTreeMap::new(),
         }
     }
 }
@@ -208,7 +209,28 @@ pub struct EventView<'a> {
     pub origin: Origin,
     pub event_type: EventType,
     pub timestamp_ms: i64,
+    /// The event's place in its origin's order (stream sequence); 0 when unknown.
+    pub sequence: u64,
     pub fields: &'a CanonicalFields,
+}
+
+impl SideState {
+    /// Remembers `fields` as values this side held at `at_ms`. A value seen before keeps its
+    /// first time: the earliest it could have been there is what matters.
+    fn remember_held(&mut self, fields: &CanonicalFields, at_ms: i64) {
+        for (name, value) in fields {
+            let held = self.held_values.entry(name.clone()).or_default();
+            let hash = value_hash(value);
+            if let Some(entry) = held.iter_mut().find(|(_, h)| *h == hash) {
+                entry.0 = entry.0.min(at_ms);
+                continue;
+            }
+            if held.len() >= HELD_VALUES_MAX {
+                held.pop_front();
+            }
+            held.push_back((at_ms, hash));
+        }
+    }
 }
 
 impl SyncState {
@@ -347,11 +369,12 @@ impl SyncState {
             self.apply_blindly(event)
         } else {
             let written = self.written_fields(event, skew);
-            let outcome = self.record.merge(
+            let outcome = self.record.merge_seq(
                 event.id,
                 event.origin,
                 event.event_type,
                 event.timestamp_ms,
+                event.sequence,
                 &written,
             );
             let backdated = self
@@ -363,6 +386,7 @@ impl SyncState {
             }
         };
         let side = self.side_mut(event.origin);
+        side.remember_held(event.fields, event.timestamp_ms);
         if event.timestamp_ms >= side.reported_ts_ms {
             side.reported
                 .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -403,7 +427,7 @@ impl SyncState {
             };
             known
                 || (side.reported.contains_key(name) && same(side.reported.get(name)))
-                || side.sent_values.get(name).is_some_and(|sent| {
+                || side.held_values.get(name).is_some_and(|sent| {
                     let hash = value_hash(value);
                     let before = event.timestamp_ms.saturating_add(skew_ms);
                     sent.iter().any(|(at, h)| *h == hash && *at <= before)
@@ -465,6 +489,7 @@ impl SyncState {
                     value: value.clone(),
                     ts: event.timestamp_ms,
                     origin: event.origin,
+                    seq: event.sequence,
                 },
             );
         }
@@ -488,18 +513,7 @@ impl SyncState {
         }
         side.echoes_due.push_back(send.state.clone());
         if let Known::Holds(fields) = &send.state {
-            for (name, value) in fields {
-                let sent = side.sent_values.entry(name.clone()).or_default();
-                let hash = value_hash(value);
-                // The same value sent again only refreshes nothing: its first time counts.
-                if sent.iter().any(|(_, h)| *h == hash) {
-                    continue;
-                }
-                if sent.len() >= SENT_VALUES_MAX {
-                    sent.pop_front();
-                }
-                sent.push_back((now_ms, hash));
-            }
+            side.remember_held(fields, now_ms);
         }
         if self.outbox.len() >= OUTBOX_MAX {
             self.outbox.pop_front();

@@ -44,6 +44,7 @@ impl World {
             origin,
             event_type: ty,
             timestamp_ms: ts,
+            sequence: 0,
             fields: &f,
         };
         let decision = self.state.on_event(view, &policy(), &|_| None, &|_| false);
@@ -235,6 +236,7 @@ fn echo_against_the_last_delivery_only_is_the_broken_variant() {
         origin: PL,
         event_type: EventType::Updated,
         timestamp_ms: 5_000_000,
+        sequence: 0,
         fields: &f,
     };
     let d = w.state.on_event(view, &broken, &|_| None, &|_| false);
@@ -483,4 +485,26 @@ fn a_stale_copy_from_before_a_delivery_landed_is_not_a_write() {
         .sends
         .iter()
         .any(|s| s.side == PL && s.webhook_id == "p1:resync"));
+}
+
+#[test]
+fn same_millisecond_writes_of_one_origin_keep_their_stream_order_when_reordered() {
+    let mut state = SyncState::default();
+    let policy = policy();
+    let apply = |state: &mut SyncState, id: &str, seq: u64, image: &str| {
+        let f = fields(json!({"id":"u","email":"a@x","image":image}));
+        let view = EventView {
+            id,
+            origin: BA,
+            event_type: EventType::Updated,
+            timestamp_ms: 100,
+            sequence: seq,
+            fields: &f,
+        };
+        state.on_event(view, &policy, &|_| None, &|_| false);
+    };
+    // Published as seq 7 then 8 in the same millisecond; a redelivery brings 8 first.
+    apply(&mut state, "b8", 8, "second");
+    apply(&mut state, "b7", 7, "first");
+    assert_eq!(state.record.canonical_fields()["image"], json!("second"));
 }
