@@ -19,7 +19,7 @@ const CAUGHT: [(Variant, u64, &[&str]); 7] = [
     // (e) no echo suppression: echoing apps ping-pong forever.
     (Variant::NoEchoSuppression, 0, &["[loop]", "[quiet]"]),
     // (f) echo recognised only against the last delivery: a late echo counts as a write.
-    (Variant::EchoLastOnly, 637, &["[converge]"]),
+    (Variant::EchoLastOnly, 2, &["[converge]"]),
     // (g) canonical never re-sent to the origin: a side whose write lost keeps it.
     (Variant::NoResync, 4, &["[converge]"]),
 ];

@@ -70,8 +70,12 @@ pub struct SideState {
     /// last, at most [`HELD_VALUES_MAX`] per field. A side's event may carry any of them as a
     /// stale copy: a late echo, a snapshot taken before a newer write, or a replayed old event.
     #[serde(default)]
-    pub held_values: BTreeMap<String, VecDeque<(i64, u64)>>,
+    pub held_values: BTreeMap<String, VecDeque<HeldValue>>,
 }
+
+/// One value a side held: (earliest time, hash of the value, whether it only ever came from
+/// the engine's deliveries rather than from the side's own reports).
+pub type HeldValue = (i64, u64, bool);
 
 /// How many held values per field and side are remembered for telling stale copies from edits.
 pub const HELD_VALUES_MAX: usize = 64;
@@ -217,18 +221,19 @@ pub struct EventView<'a> {
 impl SideState {
     /// Remembers `fields` as values this side held at `at_ms`. A value seen before keeps its
     /// first time: the earliest it could have been there is what matters.
-    fn remember_held(&mut self, fields: &CanonicalFields, at_ms: i64) {
+    fn remember_held(&mut self, fields: &CanonicalFields, at_ms: i64, sent: bool) {
         for (name, value) in fields {
             let held = self.held_values.entry(name.clone()).or_default();
             let hash = value_hash(value);
-            if let Some(entry) = held.iter_mut().find(|(_, h)| *h == hash) {
+            if let Some(entry) = held.iter_mut().find(|(_, h, _)| *h == hash) {
                 entry.0 = entry.0.min(at_ms);
+                entry.2 &= sent;
                 continue;
             }
             if held.len() >= HELD_VALUES_MAX {
                 held.pop_front();
             }
-            held.push_back((at_ms, hash));
+            held.push_back((at_ms, hash, sent));
         }
     }
 }
@@ -368,7 +373,7 @@ impl SyncState {
         let outcome = if policy.faults.skip_merge {
             self.apply_blindly(event)
         } else {
-            let written = self.written_fields(event, skew);
+            let written = self.written_fields(event, skew, policy.faults.echo_last_only);
             let outcome = self.record.merge_seq(
                 event.id,
                 event.origin,
@@ -386,7 +391,7 @@ impl SyncState {
             }
         };
         let side = self.side_mut(event.origin);
-        side.remember_held(event.fields, event.timestamp_ms);
+        side.remember_held(event.fields, event.timestamp_ms, false);
         if event.timestamp_ms >= side.reported_ts_ms {
             side.reported
                 .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -414,7 +419,16 @@ impl SyncState {
     /// have held: not what it last reported, not what it is known to hold, and not any state
     /// the engine sent it before the write (within the clock skew). Counting such stale copies
     /// as writes would let them overwrite newer edits made on the other side.
-    fn written_fields(&self, event: EventView<'_>, skew_ms: i64) -> CanonicalFields {
+    ///
+    /// `only_reported` is the broken variant `echo_last_only`: delivered values count as held
+    /// only through the last delivery (`known`), the way an engine that remembers only its
+    /// last delivery would see them.
+    fn written_fields(
+        &self,
+        event: EventView<'_>,
+        skew_ms: i64,
+        only_reported: bool,
+    ) -> CanonicalFields {
         if event.event_type == EventType::Created {
             return event.fields.clone();
         }
@@ -427,10 +441,12 @@ impl SyncState {
             };
             known
                 || (side.reported.contains_key(name) && same(side.reported.get(name)))
-                || side.held_values.get(name).is_some_and(|sent| {
+                || side.held_values.get(name).is_some_and(|held| {
                     let hash = value_hash(value);
                     let before = event.timestamp_ms.saturating_add(skew_ms);
-                    sent.iter().any(|(at, h)| *h == hash && *at <= before)
+                    held.iter().any(|(at, h, sent)| {
+                        *h == hash && *at <= before && !(only_reported && *sent)
+                    })
                 })
         };
         event
@@ -513,7 +529,7 @@ impl SyncState {
         }
         side.echoes_due.push_back(send.state.clone());
         if let Known::Holds(fields) = &send.state {
-            side.remember_held(fields, now_ms);
+            side.remember_held(fields, now_ms, true);
         }
         if self.outbox.len() >= OUTBOX_MAX {
             self.outbox.pop_front();
