@@ -14,7 +14,6 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Row;
 
 use super::clock::now_ms;
 
@@ -25,7 +24,7 @@ pub enum SqlStore {
 }
 
 /// A stored dead letter.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct DeadLetterRow {
     pub id: i64,
     pub subject: String,
@@ -192,38 +191,26 @@ impl SqlStore {
             "id, subject, raw, reason, event_id, sink, attempts, last_error, received_at";
         let rows = match (self, id) {
             (SqlStore::Sqlite(pool), None) => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
+                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
                     .fetch_all(pool)
                     .await?
-                    .into_iter()
-                    .map(|r| row_sqlite(&r))
-                    .collect::<Result<Vec<_>, _>>()?
             }
             (SqlStore::Sqlite(pool), Some(id)) => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?"))
+                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?"))
                     .bind(id)
                     .fetch_all(pool)
                     .await?
-                    .into_iter()
-                    .map(|r| row_sqlite(&r))
-                    .collect::<Result<Vec<_>, _>>()?
             }
             (SqlStore::Postgres(pool), None) => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
+                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
                     .fetch_all(pool)
                     .await?
-                    .into_iter()
-                    .map(|r| row_pg(&r))
-                    .collect::<Result<Vec<_>, _>>()?
             }
             (SqlStore::Postgres(pool), Some(id)) => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
+                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
                     .bind(id)
                     .fetch_all(pool)
                     .await?
-                    .into_iter()
-                    .map(|r| row_pg(&r))
-                    .collect::<Result<Vec<_>, _>>()?
             }
         };
         Ok(rows)
@@ -257,34 +244,6 @@ impl SqlStore {
         };
         Ok(done)
     }
-}
-
-fn row_sqlite(r: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterRow, sqlx::Error> {
-    Ok(DeadLetterRow {
-        id: r.try_get("id")?,
-        subject: r.try_get("subject")?,
-        raw: r.try_get("raw")?,
-        reason: r.try_get("reason")?,
-        event_id: r.try_get("event_id")?,
-        sink: r.try_get("sink")?,
-        attempts: r.try_get("attempts")?,
-        last_error: r.try_get("last_error")?,
-        received_at: r.try_get("received_at")?,
-    })
-}
-
-fn row_pg(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRow, sqlx::Error> {
-    Ok(DeadLetterRow {
-        id: r.try_get("id")?,
-        subject: r.try_get("subject")?,
-        raw: r.try_get("raw")?,
-        reason: r.try_get("reason")?,
-        event_id: r.try_get("event_id")?,
-        sink: r.try_get("sink")?,
-        attempts: r.try_get("attempts")?,
-        last_error: r.try_get("last_error")?,
-        received_at: r.try_get("received_at")?,
-    })
 }
 
 fn port_error(error: sqlx::Error) -> PortError {
