@@ -73,6 +73,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let backends = Arc::new(std::sync::OnceLock::new());
     let nats_client = nats::connect(&config.nats).await?;
     let server = server::serve(
         config.http.listen,
@@ -80,27 +81,34 @@ pub async fn run(
             stats: stats.clone(),
             ready: ready.clone(),
             nats: Some(nats_client.clone()),
+            backends: backends.clone(),
         },
     )
     .await?;
 
-    let store = Arc::new(SqlStore::connect(&config.store.url).await?);
+    let sql = SqlStore::connect(&config.store.url).await?;
+    let store = Arc::new(sql.clone());
     let clock = Arc::new(SystemClock);
-    let dedup: Arc<dyn DedupStore> = match config.dedup.backend {
-        DedupBackend::Memory => Arc::new(MemoryDedup::new(
-            config.dedup.ttl,
-            config.dedup.memory_capacity,
-            clock.clone(),
-        )),
-        DedupBackend::Redis => Arc::new(
-            RedisDedup::connect(
+    let (dedup, redis): (Arc<dyn DedupStore>, Option<RedisDedup>) = match config.dedup.backend {
+        DedupBackend::Memory => (
+            Arc::new(MemoryDedup::new(
+                config.dedup.ttl,
+                config.dedup.memory_capacity,
+                clock.clone(),
+            )),
+            None,
+        ),
+        DedupBackend::Redis => {
+            let redis = RedisDedup::connect(
                 &config.dedup.redis_url,
                 &config.dedup.key_prefix,
                 config.dedup.ttl,
             )
-            .await?,
-        ),
+            .await?;
+            (Arc::new(redis.clone()), Some(redis))
+        }
     };
+    let _ = backends.set(crate::server::Backends { store: sql, redis });
     let js = async_nats::jetstream::new(nats_client.clone());
     let stream = nats::ensure_stream(&js, &config.nats).await?;
     let mut consumers = Vec::new();

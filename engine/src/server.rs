@@ -3,7 +3,8 @@
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use actors::stats::Stats;
 use axum::extract::State;
@@ -11,6 +12,16 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+
+use crate::adapters::dedup_redis::RedisDedup;
+use crate::adapters::store::SqlStore;
+
+/// The backends `/readyz` asks on every call, once they are connected.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub store: SqlStore,
+    pub redis: Option<RedisDedup>,
+}
 
 /// What the endpoints read.
 #[derive(Debug, Clone)]
@@ -20,7 +31,12 @@ pub struct ServerState {
     pub ready: Arc<AtomicBool>,
     /// The NATS connection, whose state is checked on every `/readyz`.
     pub nats: Option<async_nats::Client>,
+    /// Set at startup once connected; pinged on every `/readyz`.
+    pub backends: Arc<OnceLock<Backends>>,
 }
+
+/// How long `/readyz` waits for a backend to answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn router(state: ServerState) -> Router {
     Router::new()
@@ -51,11 +67,30 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
         .nats
         .as_ref()
         .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
-    if state.ready.load(Ordering::Relaxed) && nats_up {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !state.ready.load(Ordering::Relaxed) || !nats_up {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting, or NATS down\n",
+        );
     }
+    let Some(backends) = state.backends.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n");
+    };
+    let store_up = tokio::time::timeout(PING_TIMEOUT, backends.store.ping())
+        .await
+        .unwrap_or(false);
+    if !store_up {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: store down\n");
+    }
+    if let Some(redis) = &backends.redis {
+        let redis_up = tokio::time::timeout(PING_TIMEOUT, redis.ping())
+            .await
+            .unwrap_or(false);
+        if !redis_up {
+            return (StatusCode::SERVICE_UNAVAILABLE, "not ready: redis down\n");
+        }
+    }
+    (StatusCode::OK, "ready\n")
 }
 
 async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {

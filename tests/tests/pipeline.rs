@@ -341,9 +341,9 @@ async fn payload_down_does_not_delay_better_auth() {
         .await;
     }
     let started = std::time::Instant::now();
-    better_auth
-        .wait_accepted(Duration::from_secs(5), |r| r.len() >= 20)
-        .await;
+    // Better Auth gets all of its deliveries while Payload still refuses every request: its
+    // line never waited for Payload's (no timing involved).
+    better_auth.wait_accepted(WAIT, |r| r.len() >= 20).await;
     assert!(payload.accepted().is_empty());
     // Informational only (no timing assertion): how long Better Auth's deliveries took.
     eprintln!(
@@ -449,8 +449,19 @@ async fn redis_dedup_and_postgres_store_run_the_pipeline() {
         )
         .await;
     }
-    payload.wait_accepted(WAIT, |r| r.len() >= 50).await;
-    better_auth.wait_accepted(WAIT, |r| r.len() >= 50).await;
+    // Every user reached both sides (a user may also get a resync, so count users, not requests).
+    let users = |r: &[tests::receiver::Received], field: &str| {
+        r.iter()
+            .filter_map(|d| d.data(field).as_str().map(String::from))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    payload
+        .wait_accepted(WAIT, |r| users(r, "betterAuthUserId") >= 50)
+        .await;
+    better_auth
+        .wait_accepted(WAIT, |r| users(r, "id") >= 50)
+        .await;
     // The state lives in PostgreSQL: one row per user.
     {
         use sqlx::Connection;
@@ -606,5 +617,27 @@ async fn an_existing_stream_with_conflicting_subjects_is_a_clear_startup_error()
         stderr.contains(&env.stream) && stderr.contains("do not capture"),
         "{stderr}"
     );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_endpoints_answer() {
+    let (_payload, _better_auth, mut env) = world(EnvOptions {
+        dedup_redis: true,
+        ..EnvOptions::default()
+    })
+    .await;
+    env.start_engine().await;
+    let get = |path: &str| {
+        let url = format!("http://{}{path}", env.http);
+        async move { reqwest::get(url).await.expect("endpoint answers") }
+    };
+    assert_eq!(get("/healthz").await.status(), 200);
+    let ready = get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.text().await.expect("body"), "ready\n");
+    let metrics = get("/metrics").await.text().await.expect("metrics");
+    assert!(metrics.contains("sync_engine_users_active"), "{metrics}");
+    assert!(env.stop_engine(), "exits 0 on SIGTERM");
     env.cleanup().await;
 }

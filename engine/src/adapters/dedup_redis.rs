@@ -14,6 +14,14 @@ pub struct RedisDedup {
     ttl_ms: u64,
 }
 
+impl std::fmt::Debug for RedisDedup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDedup")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
 impl RedisDedup {
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)
