@@ -357,12 +357,7 @@ async fn on_event(
         Verdict::Merged(_) => {}
     }
     // Durable before anything is sent or acknowledged.
-    state
-        .args
-        .ports
-        .store
-        .save_user(&state.args.key, sync)
-        .await?;
+    save(state).await?;
 
     let event_id = envelope.id.clone();
     let subject = incoming.subject.clone();
@@ -429,6 +424,19 @@ async fn on_event(
         pump(myself, state, side);
     }
     arm_keepalive(myself, state);
+    Ok(())
+}
+
+/// Makes the user's state durable; an error fails the actor, which hands its messages back.
+async fn save(state: &UserState) -> Result<(), ActorProcessingErr> {
+    if let Some(sync) = &state.sync {
+        state
+            .args
+            .ports
+            .store
+            .save_user(&state.args.key, sync)
+            .await?;
+    }
     Ok(())
 }
 
@@ -522,13 +530,8 @@ async fn on_delivered(
             state.line(side).busy = Busy::Idle;
             if let Some(sync) = state.sync.as_mut() {
                 sync.on_delivered(side, &done.send.state, &done.event_ids, at_ms);
-                state
-                    .args
-                    .ports
-                    .store
-                    .save_user(&state.args.key, sync)
-                    .await?;
             }
+            save(state).await?;
             Stats::add(match side {
                 Origin::Payload => &stats.delivered_payload,
                 Origin::BetterAuth => &stats.delivered_better_auth,
@@ -585,13 +588,8 @@ async fn on_delivered(
     state.args.ports.store.dead_letter(letter).await?;
     if let Some(sync) = state.sync.as_mut() {
         sync.on_dead_lettered(side, &failed.event_ids);
-        state
-            .args
-            .ports
-            .store
-            .save_user(&state.args.key, sync)
-            .await?;
     }
+    save(state).await?;
     Stats::add(&stats.dead_letters_delivery);
     release(state, &failed.waiting, false).await;
     pump(myself, state, side);

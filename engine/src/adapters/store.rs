@@ -17,6 +17,17 @@ use sqlx::sqlite::{
 
 use super::clock::now_ms;
 
+/// Runs the same code on whichever pool the store has: the SQL is written once, with `$N`
+/// placeholders, which SQLite and PostgreSQL both accept.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            SqlStore::Sqlite($pool) => $body,
+            SqlStore::Postgres($pool) => $body,
+        }
+    };
+}
+
 #[derive(Debug, Clone)]
 pub enum SqlStore {
     Sqlite(SqlitePool),
@@ -87,31 +98,14 @@ impl SqlStore {
     }
 
     pub async fn ping(&self) -> bool {
-        match self {
-            SqlStore::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
-            SqlStore::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.is_ok(),
-        }
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.is_ok())
     }
 
     pub async fn load(&self, key: &UserKey) -> Result<Option<SyncState>, sqlx::Error> {
-        let sql = match self {
-            SqlStore::Sqlite(_) => "SELECT state FROM user_state WHERE user_key = ?",
-            SqlStore::Postgres(_) => "SELECT state FROM user_state WHERE user_key = $1",
-        };
-        let text: Option<String> = match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(key.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query_scalar(sql)
-                    .bind(key.as_str())
-                    .fetch_optional(pool)
-                    .await?
-            }
-        };
+        const SQL: &str = "SELECT state FROM user_state WHERE user_key = $1";
+        let text: Option<String> = on_pool!(self, pool => {
+            sqlx::query_scalar(SQL).bind(key.as_str()).fetch_optional(pool).await?
+        });
         match text {
             None => Ok(None),
             Some(text) => serde_json::from_str(&text)
@@ -121,127 +115,56 @@ impl SqlStore {
     }
 
     pub async fn save(&self, key: &UserKey, state: &SyncState) -> Result<(), sqlx::Error> {
+        const SQL: &str = "INSERT INTO user_state (user_key, state, updated_at) VALUES ($1, $2, $3) \
+                           ON CONFLICT (user_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at";
         let text = serde_json::to_string(state).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let now = now_ms();
-        match self {
-            SqlStore::Sqlite(pool) => {
-                sqlx::query(
-                    "INSERT INTO user_state (user_key, state, updated_at) VALUES (?, ?, ?) \
-                     ON CONFLICT (user_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-                )
+        on_pool!(self, pool => {
+            sqlx::query(SQL)
                 .bind(key.as_str())
-                .bind(text)
+                .bind(&text)
                 .bind(now)
                 .execute(pool)
-                .await?;
-            }
-            SqlStore::Postgres(pool) => {
-                sqlx::query(
-                    "INSERT INTO user_state (user_key, state, updated_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (user_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
-                )
-                .bind(key.as_str())
-                .bind(text)
-                .bind(now)
-                .execute(pool)
-                .await?;
-            }
-        }
+                .await
+                .map(|_| ())?
+        });
         Ok(())
     }
 
     pub async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, sqlx::Error> {
+        const SQL: &str = "INSERT INTO dead_letters \
+                           (subject, raw, reason, event_id, sink, attempts, last_error, received_at) \
+                           VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id";
         let attempts = letter.attempts.min(i32::MAX as u32) as i32;
-        let id: i64 = match self {
-            SqlStore::Sqlite(pool) => sqlx::query_scalar(
-                "INSERT INTO dead_letters (subject, raw, reason, event_id, sink, attempts, last_error, received_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            )
-            .bind(&letter.subject)
-            .bind(letter.raw.as_ref())
-            .bind(&letter.reason)
-            .bind(&letter.event_id)
-            .bind(&letter.sink)
-            .bind(attempts)
-            .bind(&letter.last_error)
-            .bind(letter.received_at_ms)
-            .fetch_one(pool)
-            .await?,
-            SqlStore::Postgres(pool) => sqlx::query_scalar(
-                "INSERT INTO dead_letters (subject, raw, reason, event_id, sink, attempts, last_error, received_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-            )
-            .bind(&letter.subject)
-            .bind(letter.raw.as_ref())
-            .bind(&letter.reason)
-            .bind(&letter.event_id)
-            .bind(&letter.sink)
-            .bind(attempts)
-            .bind(&letter.last_error)
-            .bind(letter.received_at_ms)
-            .fetch_one(pool)
-            .await?,
-        };
+        let id: i64 = on_pool!(self, pool => {
+            sqlx::query_scalar(SQL)
+                .bind(&letter.subject)
+                .bind(letter.raw.as_ref())
+                .bind(&letter.reason)
+                .bind(&letter.event_id)
+                .bind(&letter.sink)
+                .bind(attempts)
+                .bind(&letter.last_error)
+                .bind(letter.received_at_ms)
+                .fetch_one(pool)
+                .await?
+        });
         Ok(id)
     }
 
     /// Dead letters, oldest first; only `id` when given.
     pub async fn dead_letters(&self, id: Option<i64>) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
-        const COLUMNS: &str =
-            "id, subject, raw, reason, event_id, sink, attempts, last_error, received_at";
-        let rows = match (self, id) {
-            (SqlStore::Sqlite(pool), None) => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
-                    .fetch_all(pool)
-                    .await?
-            }
-            (SqlStore::Sqlite(pool), Some(id)) => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = ?"))
-                    .bind(id)
-                    .fetch_all(pool)
-                    .await?
-            }
-            (SqlStore::Postgres(pool), None) => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters ORDER BY id"))
-                    .fetch_all(pool)
-                    .await?
-            }
-            (SqlStore::Postgres(pool), Some(id)) => {
-                sqlx::query_as(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"))
-                    .bind(id)
-                    .fetch_all(pool)
-                    .await?
-            }
-        };
+        const SQL: &str = "SELECT id, subject, raw, reason, event_id, sink, attempts, last_error, received_at \
+                           FROM dead_letters WHERE CAST($1 AS BIGINT) IS NULL OR id = $1 ORDER BY id";
+        let rows = on_pool!(self, pool => sqlx::query_as(SQL).bind(id).fetch_all(pool).await?);
         Ok(rows)
     }
 
     /// Deletes one dead letter, or all; returns how many went.
     pub async fn purge_dead_letters(&self, id: Option<i64>) -> Result<u64, sqlx::Error> {
-        let done = match (self, id) {
-            (SqlStore::Sqlite(pool), None) => sqlx::query("DELETE FROM dead_letters")
-                .execute(pool)
-                .await?
-                .rows_affected(),
-            (SqlStore::Sqlite(pool), Some(id)) => {
-                sqlx::query("DELETE FROM dead_letters WHERE id = ?")
-                    .bind(id)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
-            }
-            (SqlStore::Postgres(pool), None) => sqlx::query("DELETE FROM dead_letters")
-                .execute(pool)
-                .await?
-                .rows_affected(),
-            (SqlStore::Postgres(pool), Some(id)) => {
-                sqlx::query("DELETE FROM dead_letters WHERE id = $1")
-                    .bind(id)
-                    .execute(pool)
-                    .await?
-                    .rows_affected()
-            }
-        };
+        const SQL: &str = "DELETE FROM dead_letters WHERE CAST($1 AS BIGINT) IS NULL OR id = $1";
+        let done =
+            on_pool!(self, pool => sqlx::query(SQL).bind(id).execute(pool).await?.rows_affected());
         Ok(done)
     }
 }
