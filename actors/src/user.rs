@@ -269,8 +269,8 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> 
                     send: entry.send,
                     waiting: Vec::new(),
                     attempts: 0,
-                    subject: entry.subject,
-                    raw: Bytes::from(entry.raw.into_bytes()),
+                    subject: entry.subject.to_string(),
+                    raw: Bytes::copy_from_slice(entry.raw.as_bytes()),
                     event_ids: vec![entry.event_id],
                 }),
             }
@@ -334,9 +334,10 @@ async fn on_event(
     if !decision.replayed {
         let now_ms = state.args.ports.clock.now_ms();
         // Envelopes were parsed from UTF-8 JSON, so the text is the message byte for byte.
-        let raw = String::from_utf8_lossy(&incoming.payload);
+        let raw: Arc<str> = String::from_utf8_lossy(&incoming.payload).into();
+        let subject: Arc<str> = incoming.subject.as_str().into();
         for send in &sends {
-            sync.on_queued(&envelope.id, send, now_ms, &incoming.subject, &raw);
+            sync.on_queued(&envelope.id, send, now_ms, &subject, &raw);
         }
     }
     tracing::debug!(

@@ -58,6 +58,10 @@ pub struct SimulateArgs {
     /// no-resync.
     #[arg(long, default_value = "correct", hide = true)]
     pub variant: String,
+    /// Seeds run at once, each on its own thread (default: one per core). The verdicts and the
+    /// hashes do not depend on it.
+    #[arg(long)]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]

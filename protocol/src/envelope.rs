@@ -140,6 +140,22 @@ pub struct Envelope {
     pub data: Map<String, Value>,
 }
 
+/// The top level of a message as sent: each member absent, `null` (both `None`) or any value,
+/// so that [`Envelope::parse`] can name exactly what is wrong.
+#[derive(Deserialize)]
+struct RawEnvelope {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    origin: Option<Value>,
+    #[serde(default, rename = "type")]
+    kind: Option<Value>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
 impl Envelope {
     /// Validates `bytes` against §1. Checks run in a fixed order (size, JSON, then `id`,
     /// `origin`, `type`, `timestamp`, `data`) so one message always gets the same reason.
@@ -147,36 +163,40 @@ impl Envelope {
         if bytes.len() > max_bytes {
             return Err(BadEvent::TooLarge);
         }
-        let value: Value = serde_json::from_slice(bytes).map_err(|_| BadEvent::InvalidJson)?;
-        let Value::Object(mut object) = value else {
+        // Straight into the five known members (others are ignored), without building a map
+        // of the whole object first: this runs for every message. A derived struct would also
+        // take a JSON array, which is not an envelope.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(BadEvent::InvalidJson);
-        };
+        }
+        let object: RawEnvelope =
+            serde_json::from_slice(bytes).map_err(|_| BadEvent::InvalidJson)?;
 
-        let id = match object.remove("id") {
-            None | Some(Value::Null) => return Err(BadEvent::MissingField("id".into())),
+        let id = match object.id {
+            None => return Err(BadEvent::MissingField("id".into())),
             Some(Value::String(id)) if is_valid_event_id(&id) => id,
             Some(_) => return Err(BadEvent::InvalidField("id".into())),
         };
-        let origin = match object.remove("origin") {
-            None | Some(Value::Null) => return Err(BadEvent::MissingField("origin".into())),
+        let origin = match object.origin {
+            None => return Err(BadEvent::MissingField("origin".into())),
             Some(Value::String(s)) => Origin::parse(&s).ok_or(BadEvent::UnknownOrigin)?,
             Some(_) => return Err(BadEvent::InvalidField("origin".into())),
         };
-        let event_type = match object.remove("type") {
-            None | Some(Value::Null) => return Err(BadEvent::MissingField("type".into())),
+        let event_type = match object.kind {
+            None => return Err(BadEvent::MissingField("type".into())),
             Some(Value::String(s)) => EventType::parse(&s).ok_or(BadEvent::UnknownType)?,
             Some(_) => return Err(BadEvent::InvalidField("type".into())),
         };
-        let timestamp = match object.remove("timestamp") {
-            None | Some(Value::Null) => return Err(BadEvent::MissingField("timestamp".into())),
+        let timestamp = match object.timestamp {
+            None => return Err(BadEvent::MissingField("timestamp".into())),
             Some(Value::Number(n)) => match n.as_i64() {
                 Some(ms) if ms >= 0 => ms,
                 _ => return Err(BadEvent::InvalidField("timestamp".into())),
             },
             Some(_) => return Err(BadEvent::InvalidField("timestamp".into())),
         };
-        let data = match object.remove("data") {
-            None | Some(Value::Null) => return Err(BadEvent::MissingField("data".into())),
+        let data = match object.data {
+            None => return Err(BadEvent::MissingField("data".into())),
             Some(Value::Object(data)) => data,
             Some(_) => return Err(BadEvent::InvalidField("data".into())),
         };

@@ -8,6 +8,7 @@
 //! same-timestamp field; this is what makes the result independent of the interleaving.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -39,11 +40,14 @@ pub struct UserRecord {
     /// Set once by the first `user.deleted`; nothing lifts it (Better Auth never reuses ids).
     pub deleted_at: Option<i64>,
     /// Ids of the latest applied events, oldest first, at most [`RECENT_IDS_MAX`].
-    pub recent_ids: VecDeque<String>,
+    /// Shared strings: the record is copied on every save of the user's state.
+    pub recent_ids: VecDeque<Arc<str>>,
     /// Per field, the latest writes (winners and losers, in the order they were applied), at
     /// most [`HISTORY_MAX`]: what [`UserRecord::backdate`] re-decides from.
+    /// Shared until written: the record is copied on every save of the user's state, and most
+    /// saves (after a delivery) do not touch the history.
     #[serde(default)]
-    pub history: BTreeMap<String, Vec<FieldStamp>>,
+    pub history: Arc<BTreeMap<String, Vec<FieldStamp>>>,
 }
 
 /// How many writes per field the record keeps for re-deciding a winner.
@@ -88,7 +92,7 @@ impl UserRecord {
     }
 
     pub fn has_seen(&self, event_id: &str) -> bool {
-        self.recent_ids.iter().any(|id| id == event_id)
+        self.recent_ids.iter().any(|id| &**id == event_id)
     }
 
     /// Records an applied (or recognised) event id, forgetting the oldest beyond the bound.
@@ -96,7 +100,7 @@ impl UserRecord {
         if self.recent_ids.len() >= RECENT_IDS_MAX {
             self.recent_ids.pop_front();
         }
-        self.recent_ids.push_back(event_id.to_string());
+        self.recent_ids.push_back(event_id.into());
     }
 
     /// Applies one event's fields (canonical names) to the record.
@@ -171,7 +175,9 @@ impl UserRecord {
 
     fn remember_write(&mut self, name: &str, write: FieldStamp) {
         let winner_ts = self.fields.get(name).map(|w| (w.ts, w.origin));
-        let history = self.history.entry(name.to_string()).or_default();
+        let history = Arc::make_mut(&mut self.history)
+            .entry(name.to_string())
+            .or_default();
         history.push(write);
         if history.len() > HISTORY_MAX {
             // Forget the oldest write that is not the current winner.
@@ -198,7 +204,16 @@ impl UserRecord {
         }
         let mut changed = false;
         for (name, value) in reported {
-            let Some(history) = self.history.get_mut(name) else {
+            let stale = |w: &FieldStamp| w.origin == origin && w.value == *value && w.ts > ts;
+            // Looked at before written, so that the shared history is copied only when it moves.
+            if !self
+                .history
+                .get(name)
+                .is_some_and(|history| history.iter().any(stale))
+            {
+                continue;
+            }
+            let Some(history) = Arc::make_mut(&mut self.history).get_mut(name) else {
                 continue;
             };
             let mut moved = false;

@@ -239,7 +239,7 @@ impl SimApp {
             self.clock.virt_ms(),
             self.side.as_str(),
             "local_edit",
-            &format!("{user} {id}"),
+            format_args!("{user} {id}"),
         );
         (ts, id)
     }
@@ -260,7 +260,7 @@ impl SimApp {
             self.clock.virt_ms(),
             self.side.as_str(),
             "local_delete",
-            &format!("{user} {id}"),
+            format_args!("{user} {id}"),
         );
         (ts, id)
     }
@@ -412,7 +412,7 @@ impl SimApp {
             self.clock.virt_ms(),
             self.side.as_str(),
             "apply",
-            &format!("{webhook_id} {user}"),
+            format_args!("{webhook_id} {user}"),
         );
         let faults = self.faults();
         if faults.echo {

@@ -46,6 +46,9 @@ struct Consumer {
 #[derive(Debug)]
 struct State {
     messages: Vec<Stored>,
+    /// Per sink, how many stored messages it consumes: what `unsettled` counts against, so the
+    /// quiescence check does not walk the whole stream each time.
+    n_consumed: BTreeMap<Sink, usize>,
     consumers: BTreeMap<Sink, Consumer>,
     epoch: u64,
     faults: NatsFaults,
@@ -83,6 +86,7 @@ impl FakeNats {
         Arc::new(FakeNats {
             state: Mutex::new(State {
                 messages: Vec::new(),
+                n_consumed: BTreeMap::new(),
                 consumers,
                 epoch: 0,
                 faults,
@@ -100,6 +104,11 @@ impl FakeNats {
             let Ok(mut state) = self.state.lock() else {
                 return 0;
             };
+            for sink in Sink::ALL {
+                if consumes(sink, subject) {
+                    *state.n_consumed.entry(sink).or_default() += 1;
+                }
+            }
             state.messages.push(Stored {
                 subject: subject.to_string(),
                 payload,
@@ -110,7 +119,7 @@ impl FakeNats {
             self.clock.virt_ms(),
             "nats",
             "publish",
-            &format!("seq={seq} {subject}"),
+            format_args!("seq={seq} {subject}"),
         );
         self.published.notify_waiters();
         seq
@@ -167,15 +176,15 @@ impl FakeNats {
         let Ok(state) = self.state.lock() else {
             return usize::MAX;
         };
-        let mut n = 0;
-        for (sink, consumer) in &state.consumers {
-            for (i, m) in state.messages.iter().enumerate() {
-                if consumes(*sink, &m.subject) && !consumer.acked.contains(&(i as u64 + 1)) {
-                    n += 1;
-                }
-            }
-        }
-        n
+        // A consumer is only ever handed, and so only acks, the messages its sink consumes.
+        state
+            .consumers
+            .iter()
+            .map(|(sink, consumer)| {
+                let n = state.n_consumed.get(sink).copied().unwrap_or(0);
+                n.saturating_sub(consumer.acked.len())
+            })
+            .sum()
     }
 
     pub fn source(self: &Arc<Self>, sink: Sink, epoch: u64) -> Arc<FakeSource> {
@@ -262,7 +271,7 @@ impl FakeNats {
                 now,
                 "nats",
                 "deliver",
-                &format!("{sink} seq={seq} n={delivered} copies={copies}"),
+                format_args!("{sink} seq={seq} n={delivered} copies={copies}"),
             );
         }
         Ok(out)

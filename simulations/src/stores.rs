@@ -177,7 +177,7 @@ impl StateStore for MemStore {
                 self.clock.virt_ms(),
                 "store",
                 "dead_letter",
-                &format!("{} {} {:?}", letter.reason, letter.subject, letter.event_id),
+                format_args!("{} {} {:?}", letter.reason, letter.subject, letter.event_id),
             );
             if let Ok(mut letters) = self.dead_letters.lock() {
                 letters.push(letter);

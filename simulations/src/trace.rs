@@ -2,9 +2,10 @@
 //! Never an `ActorId`, wall time, or the `Debug` of a hash map. Its 64-bit hash is the run's
 //! fingerprint: one seed must always give the same hash.
 
+use std::fmt::{self, Write};
 use std::sync::Mutex;
 
-use crate::rng::{fnv, mix};
+use crate::rng::{fnv, mix, Fnv};
 
 #[derive(Debug, Default)]
 pub struct Trace {
@@ -28,15 +29,20 @@ impl Trace {
         }
     }
 
-    pub fn record(&self, now_ms: u64, component: &str, kind: &str, detail: &str) {
+    /// `detail` is hashed as it is written (no string is built unless entries are kept):
+    /// there are several records per simulated message.
+    pub fn record(&self, now_ms: u64, component: &str, kind: &str, detail: impl fmt::Display) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
         let n = inner.n;
         inner.n += 1;
+        let mut detail_hash = Fnv::new();
+        // Writing into the hash cannot fail.
+        let _ = write!(detail_hash, "{detail}");
         let h = fnv(component.as_bytes())
             ^ fnv(kind.as_bytes()).rotate_left(17)
-            ^ fnv(detail.as_bytes()).rotate_left(31);
+            ^ detail_hash.finish().rotate_left(31);
         inner.hash = mix(inner.hash ^ h ^ now_ms.rotate_left(7) ^ n);
         if self.keep {
             inner.entries.push(format!(

@@ -509,7 +509,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
         }
         // As the engine does at startup after a crash: let the dead run's messages come due.
         tokio::time::sleep(ACK_WAIT + Duration::from_millis(250)).await;
-        trace.record(clock.virt_ms(), "world", "restart", &epoch.to_string());
+        trace.record(clock.virt_ms(), "world", "restart", epoch);
         pipeline = engine.start().await;
     }
     if let Some(w) = workload.take() {
@@ -542,7 +542,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
                 clock.virt_ms(),
                 "world",
                 "replay",
-                &format!("{:?}", letter.event_id),
+                format_args!("{:?}", letter.event_id),
             );
             // As `sync-engine dlq replay` does: a failed delivery comes back as a new event.
             let raw = letter

@@ -8,6 +8,7 @@
 //! redelivery of the unacknowledged one, sends whatever is missing.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use protocol::delivery::{webhook_id, RESYNC_SUFFIX};
 use protocol::merge::MergeOutcome;
@@ -28,8 +29,10 @@ pub enum Known {
     Unknown,
     /// The side deleted the user, or accepted its deletion.
     Deleted,
-    /// The side holds these canonical fields (at least).
-    Holds(CanonicalFields),
+    /// The side holds these canonical fields (at least). Shared, because the same state sits
+    /// in the outbox, in the echoes due and in the delivery queue, and the whole sync state is
+    /// copied on every save.
+    Holds(Arc<CanonicalFields>),
 }
 
 impl Known {
@@ -69,8 +72,9 @@ pub struct SideState {
     /// engine time they were queued) or reported by it (with the event's commit time); newest
     /// last, at most [`HELD_VALUES_MAX`] per field. A side's event may carry any of them as a
     /// stale copy: a late echo, a snapshot taken before a newer write, or a replayed old event.
+    /// Shared until written, like the record's history: most saves do not touch it.
     #[serde(default)]
-    pub held_values: BTreeMap<String, VecDeque<HeldValue>>,
+    pub held_values: Arc<BTreeMap<String, VecDeque<HeldValue>>>,
 }
 
 /// One value a side held: (earliest time, hash of the value, whether it only ever came from
@@ -80,15 +84,26 @@ pub type HeldValue = (i64, u64, bool);
 /// How many held values per field and side are remembered for telling stale copies from edits.
 pub const HELD_VALUES_MAX: usize = 64;
 
-/// A stable 64-bit hash of a JSON value (FNV-1a of its canonical text).
+/// A stable 64-bit hash of a JSON value (FNV-1a of its canonical text), written straight into
+/// the hash rather than into a string first.
 pub fn value_hash(value: &Value) -> u64 {
-    let text = value.to_string();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    struct Fnv(u64);
+    impl std::io::Write for Fnv {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            for b in bytes {
+                self.0 ^= u64::from(*b);
+                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            }
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
-    hash
+    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    // Writing JSON into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut hash, value);
+    hash.0
 }
 
 impl Default for SideState {
@@ -99,7 +114,7 @@ impl Default for SideState {
             echoes_due: VecDeque::new(),
             reported: CanonicalFields::new(),
             reported_ts_ms: 0,
-            held_values: BTreeMap::new(),
+            held_values: Arc::default(),
         }
     }
 }
@@ -117,10 +132,12 @@ pub struct OutboxEntry {
     pub send: Send,
     /// The event's subject and text, so a delivery restored after a crash can still be
     /// dead-lettered in a replayable form before its message comes back.
+    /// Shared: the sync state is copied on every save, and one event's text sits in the
+    /// entry of each of its deliveries.
     #[serde(default)]
-    pub subject: String,
+    pub subject: Arc<str>,
     #[serde(default)]
-    pub raw: String,
+    pub raw: Arc<str>,
 }
 
 /// Everything the engine keeps durable about one user.
@@ -140,7 +157,7 @@ pub struct SyncState {
     /// [`UNSETTLED_MAX`]). Unlike the record's recent ids they are not pushed out by newer
     /// events, so a message that keeps coming back is recognised however long it takes.
     #[serde(default)]
-    pub unsettled: VecDeque<String>,
+    pub unsettled: VecDeque<Arc<str>>,
     /// The highest `timestamp` sent for this user: deliveries carry non-decreasing
     /// timestamps, so a receiver can refuse anything older than what it applied, even when a
     /// late, older event moved a field's write time back.
@@ -223,7 +240,9 @@ impl SideState {
     /// first time: the earliest it could have been there is what matters.
     fn remember_held(&mut self, fields: &CanonicalFields, at_ms: i64, sent: bool) {
         for (name, value) in fields {
-            let held = self.held_values.entry(name.clone()).or_default();
+            let held = Arc::make_mut(&mut self.held_values)
+                .entry(name.clone())
+                .or_default();
             let hash = value_hash(value);
             if let Some(entry) = held.iter_mut().find(|(_, h, _)| *h == hash) {
                 entry.0 = entry.0.min(at_ms);
@@ -258,7 +277,7 @@ impl SyncState {
         if self.record.is_deleted() {
             Known::Deleted
         } else {
-            Known::Holds(self.record.canonical_fields())
+            Known::Holds(Arc::new(self.record.canonical_fields()))
         }
     }
 
@@ -350,13 +369,13 @@ impl SyncState {
     }
 
     fn classify_and_apply(&mut self, event: EventView<'_>, policy: &Policy) -> Verdict {
-        if self.record.has_seen(event.id) || self.unsettled.iter().any(|id| id == event.id) {
+        if self.record.has_seen(event.id) || self.unsettled.iter().any(|id| &**id == event.id) {
             return Verdict::Duplicate;
         }
         if self.unsettled.len() >= UNSETTLED_MAX {
             self.unsettled.pop_front();
         }
-        self.unsettled.push_back(event.id.to_string());
+        self.unsettled.push_back(event.id.into());
         if event.event_type != EventType::Deleted
             && !self.record.is_deleted()
             && !policy.faults.no_echo_suppression
@@ -400,11 +419,11 @@ impl SyncState {
         side.known = match (event.event_type, &side.known) {
             (EventType::Deleted, _) => Known::Deleted,
             (_, Known::Holds(held)) => {
-                let mut held = held.clone();
+                let mut held = CanonicalFields::clone(held);
                 held.extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
-                Known::Holds(held)
+                Known::Holds(Arc::new(held))
             }
-            (_, _) => Known::Holds(event.fields.clone()),
+            (_, _) => Known::Holds(Arc::new(event.fields.clone())),
         };
         if event.event_type != EventType::Deleted && in_window {
             // A delivery may have landed after this write and replaced it: what the side
@@ -520,8 +539,8 @@ impl SyncState {
         event_id: &str,
         send: &Send,
         now_ms: i64,
-        subject: &str,
-        raw: &str,
+        subject: &Arc<str>,
+        raw: &Arc<str>,
     ) {
         let side = self.side_mut(send.side);
         if side.echoes_due.len() >= ECHOES_DUE_MAX {
@@ -537,15 +556,15 @@ impl SyncState {
         self.outbox.push_back(OutboxEntry {
             event_id: event_id.to_string(),
             send: send.clone(),
-            subject: subject.to_string(),
-            raw: raw.to_string(),
+            subject: subject.clone(),
+            raw: raw.clone(),
         });
     }
 
     /// The message of `event_id` was settled (acknowledged): its id no longer needs keeping
     /// beyond the record's recent ids. Saved with the next change of the state.
     pub fn on_settled(&mut self, event_id: &str) {
-        if let Some(index) = self.unsettled.iter().position(|id| id == event_id) {
+        if let Some(index) = self.unsettled.iter().position(|id| &**id == event_id) {
             self.unsettled.remove(index);
         }
     }

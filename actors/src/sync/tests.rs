@@ -50,7 +50,8 @@ impl World {
         let decision = self.state.on_event(view, &policy(), &|_| None, &|_| false);
         if !decision.replayed {
             for send in &decision.sends {
-                self.state.on_queued(id, send, self.now_ms, "subject", "{}");
+                self.state
+                    .on_queued(id, send, self.now_ms, &"subject".into(), &"{}".into());
             }
         }
         decision
