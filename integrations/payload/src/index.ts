@@ -1,0 +1,241 @@
+import { randomBytes } from "node:crypto";
+import type { ConnectionOptions } from "nats";
+import type {
+  CollectionAfterChangeHook,
+  CollectionAfterDeleteHook,
+  CollectionConfig,
+  Config,
+  Endpoint,
+  Payload,
+  PayloadRequest,
+  Plugin,
+} from "payload";
+import {
+  BadDelivery,
+  consoleLogger,
+  createReceiver,
+  MemoryDeliveryLog,
+  newEventId,
+  Publisher,
+  resolveSecrets,
+  subjectFor,
+  toWire,
+  type DeliveryLog,
+  type Envelope,
+  type EventType,
+  type Logger,
+  type PublisherStats,
+} from "./common.js";
+
+export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats } from "./common.js";
+
+/** `req.context` key set on the receiver's own writes; the plugin's hooks skip them. */
+export const SYNC_CONTEXT_KEY = "syncEngineDelivery";
+
+export interface PayloadSyncOptions {
+  /** Slug of the users collection. Default "users". */
+  collection?: string;
+  /** The field holding the Better Auth user id. Default "betterAuthUserId". */
+  idField?: string;
+  /** NATS server(s). Default "nats://127.0.0.1:4222". */
+  servers?: string | string[];
+  /** Extra `connect()` options of the `nats` package (credentials, TLS, …). */
+  connectionOptions?: Partial<ConnectionOptions>;
+  /**
+   * Prepended to the subjects: "acme" publishes "acme.payload.user.updated.<id>". Match the
+   * engine's `nats.payload_subjects`. Default "".
+   */
+  subjectPrefix?: string;
+  /**
+   * The webhook secret(s) of the engine's `targets.payload` (whsec_<base64>; several separated by
+   * spaces while rotating). Default: env PAYLOAD_WEBHOOK_SECRET.
+   */
+  secret?: string | string[];
+  /**
+   * Document fields to publish (the id field always is). Default: every field of the document
+   * except Payload's own `id` and auth internals.
+   */
+  fields?: string[];
+  /** Publish the collection's changes. Default true. */
+  publish?: boolean;
+  /** Add the receiver endpoint. Default true. */
+  receive?: boolean;
+  /** Path of the receiver endpoint under the API route. Default "/sync/webhook" (POST /api/sync/webhook). */
+  endpointPath?: string;
+  /** Create a delivered user that has no document here. Default true. */
+  createMissingUsers?: boolean;
+  /** Where applied `webhook-id`s are remembered. Default: in memory, 48 h, 100 000 ids. */
+  deliveryLog?: DeliveryLog;
+  /** How long to wait for JetStream to store an event (ms). Default 5000. */
+  publishTimeoutMs?: number;
+  logger?: Logger;
+}
+
+/** Auth-collection internals that never leave Payload. */
+const INTERNAL_FIELDS = new Set([
+  "id",
+  "hash",
+  "salt",
+  "password",
+  "sessions",
+  "resetPasswordToken",
+  "resetPasswordExpiration",
+  "loginAttempts",
+  "lockUntil",
+  "_verified",
+  "_verificationToken",
+  "apiKey",
+  "apiKeyIndex",
+  "enableAPIKey",
+  "collection",
+  "_strategy",
+]);
+/** Fields a delivery never writes: this side's bookkeeping. */
+const LOCAL_FIELDS = new Set(["createdAt", "updatedAt"]);
+
+export interface SyncEnginePayloadPlugin extends Plugin {
+  /** Publish counters: published, failed (NATS unreachable, no stream, …), lastError. */
+  stats: PublisherStats;
+  /** Closes the NATS connection. */
+  close(): Promise<void>;
+}
+
+/**
+ * Payload plugin for sync-engine: publishes `payload.user.created|updated|deleted.<betterAuthUserId>`
+ * envelopes from the users collection's hooks, and applies the engine's signed deliveries at
+ * `POST /api/sync/webhook` through the Local API.
+ */
+export function syncEnginePlugin(options: PayloadSyncOptions = {}): SyncEnginePayloadPlugin {
+  const slug = options.collection ?? "users";
+  const idField = options.idField ?? "betterAuthUserId";
+  const logger = options.logger ?? consoleLogger;
+  const prefix = options.subjectPrefix ?? "";
+  const publishing = options.publish ?? true;
+  const receiving = options.receive ?? true;
+  const createMissing = options.createMissingUsers ?? true;
+  const publisher = new Publisher({
+    servers: options.servers ?? "nats://127.0.0.1:4222",
+    connectionOptions: options.connectionOptions,
+    publishTimeoutMs: options.publishTimeoutMs,
+    logger,
+    name: "sync-engine/payload",
+  });
+  const secrets = receiving ? resolveSecrets(options.secret, "PAYLOAD_WEBHOOK_SECRET") : [];
+  const receiver = createReceiver({ secrets, log: options.deliveryLog ?? new MemoryDeliveryLog(), logger });
+
+  function publishedData(doc: Record<string, unknown>): Record<string, unknown> {
+    const picked = options.fields
+      ? toWire(doc, [...new Set([idField, ...options.fields])])
+      : toWire(Object.fromEntries(Object.entries(doc).filter(([name]) => !INTERNAL_FIELDS.has(name))));
+    return picked;
+  }
+
+  async function publish(type: EventType, doc: Record<string, unknown>, req: PayloadRequest): Promise<void> {
+    if (!publishing || req.context?.[SYNC_CONTEXT_KEY]) return;
+    const key = doc[idField];
+    if (typeof key !== "string" || key === "") return; // not linked to Better Auth
+    const verb = type.slice("user.".length);
+    const envelope: Envelope = {
+      id: newEventId(),
+      origin: "payload",
+      type,
+      timestamp: Date.now(),
+      data: publishedData(doc),
+    };
+    await publisher.publish(subjectFor(prefix, `payload.user.${verb}`, key), envelope);
+  }
+
+  const afterChange: CollectionAfterChangeHook = async ({ doc, operation, req }) => {
+    await publish(operation === "create" ? "user.created" : "user.updated", doc, req);
+    return doc;
+  };
+  const afterDelete: CollectionAfterDeleteHook = async ({ doc, req }) => {
+    await publish("user.deleted", doc, req);
+  };
+
+  function writableFields(payload: Payload, data: Record<string, unknown>): Record<string, unknown> {
+    const names = new Set(payload.collections[slug].config.flattenedFields.map((field) => field.name));
+    const out: Record<string, unknown> = {};
+    for (const [name, value] of Object.entries(data)) {
+      if (names.has(name) && !INTERNAL_FIELDS.has(name) && !LOCAL_FIELDS.has(name) && value !== undefined) {
+        out[name] = value;
+      }
+    }
+    return out;
+  }
+
+  async function apply(payload: Payload, envelope: Envelope): Promise<string> {
+    const key = envelope.data[idField];
+    if (typeof key !== "string" || key === "") throw new BadDelivery(`data.${idField} missing`);
+    const context = { [SYNC_CONTEXT_KEY]: true };
+    const found = await payload.find({
+      collection: slug,
+      where: { [idField]: { equals: key } },
+      limit: 1,
+      depth: 0,
+      overrideAccess: true,
+      pagination: false,
+    });
+    const existing = found.docs[0] as { id: string | number } | undefined;
+    if (envelope.type === "user.deleted") {
+      if (!existing) return "absent";
+      await payload.delete({ collection: slug, id: existing.id, overrideAccess: true, context });
+      return "deleted";
+    }
+    const data = writableFields(payload, envelope.data);
+    if (existing) {
+      await payload.update({ collection: slug, id: existing.id, data, overrideAccess: true, depth: 0, context });
+      return "updated";
+    }
+    if (!createMissing) return "ignored (user does not exist)";
+    const auth = payload.collections[slug].config.auth;
+    // Users of an auth collection with a local strategy need a password: a random one, as they
+    // sign in through Better Auth.
+    const password = auth && !auth.disableLocalStrategy ? randomBytes(24).toString("base64url") : undefined;
+    await payload.create({
+      collection: slug,
+      data: { ...data, [idField]: key, ...(password ? { password } : {}) },
+      overrideAccess: true,
+      depth: 0,
+      context,
+    });
+    return "created";
+  }
+
+  const endpoint: Endpoint = {
+    path: options.endpointPath ?? "/sync/webhook",
+    method: "post",
+    handler: async (req) => {
+      const rawBody = req.text ? await req.text() : "";
+      const result = await receiver.receive(rawBody, req.headers, (envelope) => apply(req.payload, envelope));
+      return Response.json(result.body, { status: result.status });
+    },
+  };
+
+  const plugin = ((config: Config): Config => {
+    const collections = config.collections ?? [];
+    const target = collections.find((collection) => collection.slug === slug);
+    if (!target) {
+      throw new Error(`[sync-engine] the Payload config has no collection "${slug}" (option \`collection\`)`);
+    }
+    if (!target.fields.some((field) => "name" in field && field.name === idField)) {
+      throw new Error(`[sync-engine] collection "${slug}" has no field "${idField}" (option \`idField\`)`);
+    }
+    const withHooks: CollectionConfig = {
+      ...target,
+      hooks: {
+        ...target.hooks,
+        afterChange: [...(target.hooks?.afterChange ?? []), afterChange],
+        afterDelete: [...(target.hooks?.afterDelete ?? []), afterDelete],
+      },
+    };
+    return {
+      ...config,
+      collections: collections.map((collection) => (collection === target ? withHooks : collection)),
+      endpoints: receiving ? [...(config.endpoints ?? []), endpoint] : config.endpoints,
+    };
+  }) as SyncEnginePayloadPlugin;
+  plugin.stats = publisher.stats;
+  plugin.close = () => publisher.close();
+  return plugin;
+}

@@ -1,0 +1,183 @@
+// Test helpers shared by the integration packages' tests (not published).
+import { randomBytes, randomUUID } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { connect, type NatsConnection, type StoredMsg } from "nats";
+import { Webhook } from "standardwebhooks";
+
+export const NATS_URL = process.env.NATS_URL ?? "nats://127.0.0.1:4222";
+
+export function newSecret(): string {
+  return `whsec_${randomBytes(32).toString("base64")}`;
+}
+
+export function tempDir(name: string): { path: string; remove(): void } {
+  const path = mkdtempSync(join(tmpdir(), `${name}-`));
+  return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
+}
+
+export interface Published {
+  subject: string;
+  msgId: string | undefined;
+  envelope: { id: string; origin: string; type: string; timestamp: number; data: Record<string, any> };
+}
+
+/** A JetStream stream T_<id> capturing t<id>.user.> and t<id>.payload.user.>, like the Rust tests. */
+export class TestStream {
+  readonly id = randomUUID().replace(/-/g, "").slice(0, 12);
+  readonly name = `T_${this.id}`;
+  /** The subjectPrefix option value for the plugins. */
+  readonly prefix = `t${this.id}`;
+  private constructor(readonly nc: NatsConnection) {}
+
+  static async create(): Promise<TestStream> {
+    let nc: NatsConnection;
+    try {
+      nc = await connect({ servers: NATS_URL, timeout: 3000 });
+    } catch (error) {
+      throw new Error(`NATS with JetStream must run at ${NATS_URL} for these tests: ${String(error)}`);
+    }
+    const stream = new TestStream(nc);
+    const jsm = await nc.jetstreamManager();
+    await jsm.streams.add({
+      name: stream.name,
+      subjects: [`${stream.prefix}.user.>`, `${stream.prefix}.payload.user.>`],
+      duplicate_window: 120 * 1_000_000_000,
+    });
+    return stream;
+  }
+
+  async count(): Promise<number> {
+    const jsm = await this.nc.jetstreamManager();
+    return (await jsm.streams.info(this.name)).state.messages;
+  }
+
+  /** All messages, oldest first. */
+  async messages(): Promise<Published[]> {
+    const jsm = await this.nc.jetstreamManager();
+    const total = await this.count();
+    const out: Published[] = [];
+    for (let seq = 1; seq <= total; seq++) {
+      const message: StoredMsg = await jsm.streams.getMessage(this.name, { seq });
+      out.push({
+        subject: message.subject,
+        msgId: message.header?.get("Nats-Msg-Id") || undefined,
+        envelope: JSON.parse(new TextDecoder().decode(message.data)),
+      });
+    }
+    return out;
+  }
+
+  /** Waits until the stream holds at least `n` messages, then returns them all. */
+  async waitFor(n: number, timeoutMs = 5000): Promise<Published[]> {
+    const deadline = Date.now() + timeoutMs;
+    while ((await this.count()) < n) {
+      if (Date.now() > deadline) throw new Error(`stream ${this.name}: expected ${n} messages, have ${await this.count()}`);
+      await sleep(20);
+    }
+    return this.messages();
+  }
+
+  async remove(): Promise<void> {
+    try {
+      const jsm = await this.nc.jetstreamManager();
+      await jsm.streams.delete(this.name);
+    } finally {
+      await this.nc.close();
+    }
+  }
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Headers and body of a delivery as the engine signs it (Standard Webhooks, PROTOCOL.md §3). */
+export function signedDelivery(
+  secret: string,
+  envelope: { id: string; origin: string; type: string; timestamp: number; data: Record<string, unknown> },
+  webhookId = envelope.id,
+): { headers: Record<string, string>; body: string } {
+  const body = JSON.stringify(envelope);
+  const now = new Date();
+  const signature = new Webhook(secret).sign(webhookId, now, body);
+  return {
+    body,
+    headers: {
+      "content-type": "application/json",
+      "webhook-id": webhookId,
+      "webhook-timestamp": String(Math.floor(now.getTime() / 1000)),
+      "webhook-signature": signature,
+      "x-webhook-id": webhookId,
+      "x-webhook-timestamp": String(now.getTime()),
+      "x-webhook-origin": envelope.origin,
+      "x-webhook-event": envelope.type,
+    },
+  };
+}
+
+/** Serves a fetch-style handler on 127.0.0.1 at a random port. */
+export async function serve(
+  handler: (request: Request) => Promise<Response>,
+): Promise<{ url: string; close(): Promise<void> }> {
+  const server: Server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const chunks: Buffer[] = [];
+    req.on("data", (chunk: Buffer) => chunks.push(chunk));
+    req.on("end", async () => {
+      try {
+        const headers = new Headers();
+        for (const [name, value] of Object.entries(req.headers)) {
+          if (typeof value === "string") headers.set(name, value);
+          else if (Array.isArray(value)) for (const v of value) headers.append(name, v);
+        }
+        const body = chunks.length ? Buffer.concat(chunks) : undefined;
+        const request = new Request(`http://${req.headers.host}${req.url}`, {
+          method: req.method,
+          headers,
+          body: req.method === "GET" || req.method === "HEAD" ? undefined : body,
+        });
+        const response = await handler(request);
+        const responseHeaders: Record<string, string> = {};
+        response.headers.forEach((value, name) => (responseHeaders[name] = value));
+        res.writeHead(response.status, responseHeaders);
+        res.end(Buffer.from(await response.arrayBuffer()));
+      } catch (error) {
+        res.writeHead(500, { "content-type": "text/plain" });
+        res.end(String(error));
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.closeAllConnections();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+/** Polls `check` until it returns true. */
+export async function eventually(what: string, check: () => Promise<boolean> | boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+/** A logger that keeps what it was told (and stays quiet). */
+export function recordingLogger() {
+  const lines: { level: string; message: string }[] = [];
+  return {
+    lines,
+    info: (message: string) => void lines.push({ level: "info", message }),
+    warn: (message: string) => void lines.push({ level: "warn", message }),
+    error: (message: string) => void lines.push({ level: "error", message }),
+  };
+}
