@@ -15,6 +15,8 @@ use tokio::sync::Semaphore;
 
 use crate::ports::{HttpRequest, Ports, TransportError};
 use crate::settings::{PipelineSettings, TargetSettings};
+use crate::sink::Sink;
+use crate::stats::Stats;
 use crate::sync::Known;
 use crate::user::UserMsg;
 
@@ -86,6 +88,7 @@ impl UserLanes {
 pub struct DeliveryArgs {
     pub side: Origin,
     pub ports: Ports,
+    pub stats: Arc<Stats>,
     pub settings: Arc<PipelineSettings>,
     pub lanes: Arc<UserLanes>,
 }
@@ -135,6 +138,7 @@ impl Actor for DeliveryActor {
         let target = state.target.clone();
         let permits = state.permits.clone();
         let lanes = state.args.lanes.clone();
+        let stats = state.args.stats.clone();
         // Lanes are taken in the order requests arrive here (tokio's mutex is fair).
         let lane = lanes.lane(&request.key);
         // Requests run concurrently, each reporting back on its own; the actor only starts
@@ -162,7 +166,13 @@ impl Actor for DeliveryActor {
                     timeout: target.timeout,
                 })
                 .await;
-            let outcome = classify(response, ports.clock.now_ms());
+            let answered_ms = ports.clock.now_ms();
+            let sink = Sink::for_side(request.side).as_str();
+            stats.deliveries.add(&[sink, status_class(&response)]);
+            stats
+                .delivery_latency
+                .observe(sink, answered_ms.saturating_sub(now_ms).max(0) as u64);
+            let outcome = classify(response, answered_ms);
             drop(turn);
             lanes.release(&request.key);
             let _ = request.reply.cast(UserMsg::Delivered {
@@ -199,6 +209,16 @@ fn render_body(settings: &PipelineSettings, request: &DeliveryRequest) -> Vec<u8
 }
 
 /// Sorts an answer into §3's classes.
+/// The status class a delivery attempt is counted under.
+pub fn status_class(response: &Result<crate::ports::HttpResponse, TransportError>) -> &'static str {
+    match response {
+        Ok(r) if (200..300).contains(&r.status) => "2xx",
+        Ok(r) if (400..500).contains(&r.status) => "4xx",
+        Ok(_) => "5xx",
+        Err(_) => "error",
+    }
+}
+
 pub fn classify(
     response: Result<crate::ports::HttpResponse, TransportError>,
     now_ms: i64,

@@ -141,9 +141,13 @@ async fn ingest_batch(args: &IngestArgs, batch: Vec<Incoming>) -> Vec<Routed> {
                     received_at_ms: args.ports.clock.now_ms(),
                 };
                 tracing::warn!(message = "Bad event dead-lettered.", subject = %incoming.subject, reason = %letter.reason);
+                let reason = letter.reason.clone();
                 match args.ports.store.dead_letter(letter).await {
                     Ok(()) => {
                         Stats::add(&args.stats.dead_letters_bad_input);
+                        args.stats
+                            .dead_letters
+                            .add(&[reason.as_str(), args.sink.as_str()]);
                         Stats::add(&args.stats.acked);
                         incoming.ack().await;
                     }

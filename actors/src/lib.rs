@@ -7,6 +7,7 @@
 //! - [`pipeline`]: the root supervisor and the handle to start and stop it.
 //! - [`ingest`], [`dedup`], [`router`], [`user`], [`delivery`]: the actors, in the order an
 //!   event passes them.
+//! - [`mirror`]: the PostgreSQL users mirror, a sink with its own consumer.
 //! - [`settings`], [`sink`], [`slot`], [`stats`], [`error`]: what they share.
 //!
 //! Architecture Invariant: actors do no I/O except through the port traits of [`ports`], and
@@ -16,6 +17,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod error;
 pub mod ingest;
+pub mod mirror;
 pub mod pipeline;
 pub mod ports;
 pub mod router;
@@ -27,5 +29,5 @@ pub mod sync;
 pub mod user;
 
 pub use error::PortError;
-pub use pipeline::{Pipeline, PipelineArgs};
+pub use pipeline::{MirrorPorts, Pipeline, PipelineArgs};
 pub use sink::Sink;

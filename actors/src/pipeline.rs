@@ -1,8 +1,8 @@
 //! The root supervisor and the handle the engine (or the simulator) drives it through.
 //!
 //! Tree: `PipelineActor` supervises one `DeliveryActor` per enabled target, the
-//! `RouterActor` (which supervises the `UserActor`s), the `DedupActor` and one `IngestActor`
-//! per sink. A failed child is started again with the same arguments and published in its
+//! `RouterActor` (which supervises the `UserActor`s), the `DedupActor`, one `IngestActor`
+//! per sink and, when the users mirror is configured, the `MirrorActor`. A failed child is started again with the same arguments and published in its
 //! [`Slot`], so the actors that talk to it reach the new one. Messages the dead child held are
 //! handed back to the source (see [`crate::ports::Incoming`]), so nothing is lost.
 
@@ -18,7 +18,8 @@ use tokio::time::Instant;
 use crate::dedup::{DedupActor, DedupArgs, DedupMsg};
 use crate::delivery::{DeliveryActor, DeliveryArgs, DeliveryMsg, UserLanes};
 use crate::ingest::{IngestActor, IngestArgs, IngestMsg};
-use crate::ports::{EventSource, Ports};
+use crate::mirror::{MirrorActor, MirrorArgs, MirrorMsg};
+use crate::ports::{EventSource, MirrorStore, Ports};
 use crate::router::{RouterActor, RouterArgs, RouterMsg};
 use crate::settings::PipelineSettings;
 use crate::sink::Sink;
@@ -35,6 +36,16 @@ pub struct PipelineArgs {
     pub settings: Arc<PipelineSettings>,
     pub sources: Vec<(Sink, Arc<dyn EventSource>)>,
     pub stats: Arc<Stats>,
+    /// The PostgreSQL users mirror, when configured: its own consumer and its table.
+    pub mirror: Option<MirrorPorts>,
+}
+
+/// What the mirror actor reads from and writes to.
+#[derive(Clone)]
+pub struct MirrorPorts {
+    pub source: Arc<dyn EventSource>,
+    pub store: Arc<dyn MirrorStore>,
+    pub default_organization_id: String,
 }
 
 #[derive(Debug)]
@@ -51,6 +62,7 @@ enum Child {
     Router,
     Dedup,
     Ingest(Sink),
+    Mirror,
 }
 
 pub struct PipelineState {
@@ -61,6 +73,7 @@ pub struct PipelineState {
     router: Slot<RouterMsg>,
     dedup: Slot<DedupMsg>,
     ingest: BTreeMap<Sink, ActorRef<IngestMsg>>,
+    mirror: Option<ActorRef<MirrorMsg>>,
     children: BTreeMap<ActorId, Child>,
     restarts: Vec<Instant>,
     paused: bool,
@@ -86,6 +99,7 @@ impl PipelineActor {
                 let args = DeliveryArgs {
                     side,
                     ports,
+                    stats,
                     settings,
                     lanes: match side {
                         Origin::Payload => state.payload_lanes.clone(),
@@ -152,6 +166,26 @@ impl PipelineActor {
                 state.ingest.insert(sink, actor);
                 id
             }
+            Child::Mirror => {
+                let Some(mirror) = state.args.mirror.clone() else {
+                    return Ok(());
+                };
+                let args = MirrorArgs {
+                    source: mirror.source,
+                    store: mirror.store,
+                    ports,
+                    settings,
+                    stats,
+                    default_organization_id: mirror.default_organization_id,
+                };
+                let (actor, _) = Actor::spawn_linked(None, MirrorActor, args, cell).await?;
+                if state.paused {
+                    let _ = actor.cast(MirrorMsg::Pause);
+                }
+                let id = actor.get_id();
+                state.mirror = Some(actor);
+                id
+            }
         };
         state.children.insert(id, child);
         Ok(())
@@ -176,6 +210,7 @@ impl Actor for PipelineActor {
             router: Slot::default(),
             dedup: Slot::default(),
             ingest: BTreeMap::new(),
+            mirror: None,
             children: BTreeMap::new(),
             restarts: Vec::new(),
             paused: false,
@@ -194,6 +229,9 @@ impl Actor for PipelineActor {
         for sink in sinks {
             Self::spawn_child(&myself, &mut state, Child::Ingest(sink)).await?;
         }
+        if state.args.mirror.is_some() {
+            Self::spawn_child(&myself, &mut state, Child::Mirror).await?;
+        }
         Ok(state)
     }
 
@@ -208,6 +246,9 @@ impl Actor for PipelineActor {
                 state.paused = true;
                 for actor in state.ingest.values() {
                     let _ = actor.cast(IngestMsg::Pause);
+                }
+                if let Some(mirror) = &state.mirror {
+                    let _ = mirror.cast(MirrorMsg::Pause);
                 }
             }
             PipelineMsg::GetActiveUsers(reply) => {
@@ -251,6 +292,19 @@ impl Actor for PipelineActor {
     }
 }
 
+/// Reads how many messages the pipeline holds unsettled.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl InFlight {
+    pub fn get(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+}
+
 /// A running pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -278,8 +332,15 @@ impl Pipeline {
 
     /// Messages read but not yet settled.
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight
-            .saturating_sub(self.permits.available_permits())
+        self.in_flight_gauge().get()
+    }
+
+    /// A handle that reads [`Pipeline::in_flight`] from elsewhere (the metrics endpoint).
+    pub fn in_flight_gauge(&self) -> InFlight {
+        InFlight {
+            permits: self.permits.clone(),
+            max: self.max_in_flight,
+        }
     }
 
     /// Stops intake, waits up to `grace` for held messages to settle, then stops every actor;

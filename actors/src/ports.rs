@@ -206,6 +206,18 @@ pub trait StateStore: Send + Sync + 'static {
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>>;
 }
 
+/// The PostgreSQL users mirror's table.
+///
+/// `apply` MUST be idempotent and ordered by `(at_ms, event_id)`: a change not newer than
+/// the one that last wrote the row (or the user's deletion) changes nothing and answers
+/// [`MirrorOutcome::Stale`](crate::mirror::MirrorOutcome::Stale).
+pub trait MirrorStore: Send + Sync + 'static {
+    fn apply<'a>(
+        &'a self,
+        change: &'a crate::mirror::MirrorChange,
+    ) -> BoxFuture<'a, Result<crate::mirror::MirrorOutcome, PortError>>;
+}
+
 /// One HTTP request of a delivery.
 #[derive(Debug, Clone)]
 pub struct HttpRequest {

@@ -555,6 +555,7 @@ async fn on_delivered(
     };
     if !permanent && attempts < target.retry.max_attempts {
         Stats::add(&stats.retries);
+        stats.retries_by_sink.add(&[sink.as_str()]);
         let delay = target
             .retry
             .delay(attempts, state.args.ports.entropy.unit(), retry_after);
@@ -592,6 +593,14 @@ async fn on_delivered(
     }
     save(state).await?;
     Stats::add(&stats.dead_letters_delivery);
+    stats.dead_letters.add(&[
+        if permanent {
+            "delivery_rejected"
+        } else {
+            "delivery_failed"
+        },
+        sink.as_str(),
+    ]);
     release(state, &failed.waiting, false).await;
     pump(myself, state, side);
     Ok(())

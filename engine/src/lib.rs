@@ -11,6 +11,7 @@ pub mod adapters;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod ingest_http;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;

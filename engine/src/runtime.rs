@@ -7,18 +7,20 @@ use std::sync::Arc;
 
 use actors::ports::{DedupStore, EventSource, Ports};
 use actors::settings::{PipelineSettings, RetryPolicy, TargetSettings};
-use actors::stats::Stats;
+use actors::stats::{Labelled, Stats};
 use actors::sync::{Faults, Policy};
-use actors::{Pipeline, PipelineArgs, Sink};
+use actors::{MirrorPorts, Pipeline, PipelineArgs, Sink};
 use protocol::Origin;
 
 use crate::adapters::clock::{OsEntropy, SystemClock};
 use crate::adapters::dedup_memory::MemoryDedup;
 use crate::adapters::dedup_redis::RedisDedup;
 use crate::adapters::http::ReqwestTransport;
+use crate::adapters::mirror_pg::PgMirror;
 use crate::adapters::nats::{self, NatsSource};
 use crate::adapters::store::SqlStore;
 use crate::config::{Config, DedupBackend, Secrets, TargetConfig};
+use crate::ingest_http;
 use crate::server::{self, ServerState};
 
 /// Messages pulled from a consumer at once.
@@ -75,6 +77,21 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let backends = Arc::new(std::sync::OnceLock::new());
     let nats_client = nats::connect(&config.nats).await?;
+    let live = Arc::new(std::sync::OnceLock::new());
+    let ingest_requests = Arc::new(Labelled::default());
+    let ingest = match (&secrets.ingest_better_auth, &secrets.ingest_payload) {
+        (Some(better_auth), Some(payload)) if config.ingest.enabled => {
+            Some(ingest_http::router(ingest_http::IngestState {
+                js: async_nats::jetstream::new(nats_client.clone()),
+                config: Arc::new(config.clone()),
+                mappings: Arc::new(config.mappings()),
+                better_auth: better_auth.clone(),
+                payload: payload.clone(),
+                requests: ingest_requests.clone(),
+            }))
+        }
+        _ => None,
+    };
     let server = server::serve(
         config.http.listen,
         ServerState {
@@ -82,7 +99,10 @@ pub async fn run(
             ready: ready.clone(),
             nats: Some(nats_client.clone()),
             backends: backends.clone(),
+            live: live.clone(),
+            ingest_requests,
         },
+        ingest,
     )
     .await?;
 
@@ -112,12 +132,34 @@ pub async fn run(
     let js = async_nats::jetstream::new(nats_client.clone());
     let stream = nats::ensure_stream(&js, &config.nats).await?;
     let mut consumers = Vec::new();
+    let mut named_consumers = Vec::new();
     for sink in Sink::ALL {
         let consumer =
             nats::ensure_consumer(&stream, &config.nats, sink, config.engine.max_in_flight).await?;
+        named_consumers.push((
+            nats::consumer_name(&config.nats.durable_prefix, sink),
+            consumer.clone(),
+        ));
         consumers.push((sink, consumer));
     }
     wait_for_orphaned_messages(&mut consumers, config.nats.ack_wait).await;
+    let mirror = if config.mirror.enabled {
+        let table = PgMirror::connect(&config.mirror).await?;
+        let consumer =
+            nats::ensure_mirror_consumer(&stream, &config.nats, config.engine.max_in_flight)
+                .await?;
+        named_consumers.push((
+            format!("{}-mirror", config.nats.durable_prefix),
+            consumer.clone(),
+        ));
+        Some(MirrorPorts {
+            source: Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
+            store: Arc::new(table),
+            default_organization_id: config.mirror.default_organization_id.clone(),
+        })
+    } else {
+        None
+    };
     let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
     for (sink, consumer) in &consumers {
         sources.push((
@@ -144,9 +186,14 @@ pub async fn run(
         settings,
         sources,
         stats,
+        mirror,
     })
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the pipeline: {e}"))?;
+    let _ = live.set(server::LiveSources {
+        in_flight: pipeline.in_flight_gauge(),
+        consumers: named_consumers,
+    });
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         message = "Engine running.",

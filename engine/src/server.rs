@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use actors::stats::Stats;
+use actors::stats::{Labelled, Stats, LATENCY_BUCKETS_MS};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -33,6 +33,10 @@ pub struct ServerState {
     pub nats: Option<async_nats::Client>,
     /// Set at startup once connected; pinged on every `/readyz`.
     pub backends: Arc<OnceLock<Backends>>,
+    /// Set once the pipeline runs: what `/metrics` reads live.
+    pub live: Arc<OnceLock<LiveSources>>,
+    /// Signed HTTP ingest requests by `(origin, result)`.
+    pub ingest_requests: Arc<Labelled>,
 }
 
 /// How long `/readyz` waits for a backend to answer.
@@ -50,11 +54,15 @@ pub fn router(state: ServerState) -> Router {
 pub async fn serve(
     listen: SocketAddr,
     state: ServerState,
+    ingest: Option<Router>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on http.listen {listen}: {e}"))?;
-    let app = router(state);
+    let mut app = router(state);
+    if let Some(ingest) = ingest {
+        app = app.merge(ingest);
+    }
     Ok(tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(message = "HTTP server stopped.", %error);
@@ -94,24 +102,285 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
+    let mut live = LiveFigures::default();
+    if let Some(sources) = state.live.get() {
+        live.in_flight = Some(sources.in_flight.get());
+        for (name, consumer) in &sources.consumers {
+            let mut consumer = consumer.clone();
+            // A scrape must not hang on a slow server: what does not answer in time is left out.
+            if let Ok(Ok(info)) = tokio::time::timeout(PING_TIMEOUT, consumer.info()).await {
+                live.pending
+                    .push((name.clone(), info.num_pending, info.num_ack_pending as u64));
+            }
+        }
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&state.stats),
+        render_metrics(&state.stats, &state.ingest_requests, &live),
     )
 }
 
-/// Prometheus text format of the pipeline's counters.
-pub fn render_metrics(stats: &Stats) -> String {
-    let mut out = String::new();
-    for (name, value) in stats.counters() {
-        let _ = writeln!(out, "# TYPE sync_engine_{name}_total counter");
-        let _ = writeln!(out, "sync_engine_{name}_total {value}");
+/// What a scrape reads from the running engine rather than from counters.
+#[derive(Debug, Default)]
+pub struct LiveFigures {
+    /// Messages read and not yet settled.
+    pub in_flight: Option<usize>,
+    /// Per consumer: messages not yet delivered to the engine, and delivered but unacked.
+    pub pending: Vec<(String, u64, u64)>,
+}
+
+/// The running engine's parts that a scrape reads, set once started.
+#[derive(Debug, Clone)]
+pub struct LiveSources {
+    pub in_flight: actors::pipeline::InFlight,
+    pub consumers: Vec<(String, async_nats::jetstream::consumer::PullConsumer)>,
+}
+
+/// One metric family: its HELP and TYPE lines, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP sync_engine_{name} {help}");
+        let _ = writeln!(out, "# TYPE sync_engine_{name} {kind}");
+        Family { out }
     }
-    let _ = writeln!(out, "# TYPE sync_engine_users_active gauge");
-    let _ = writeln!(
-        out,
-        "sync_engine_users_active {}",
-        stats.users_active.load(Ordering::Relaxed)
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.out, "sync_engine_{name}");
+        if !labels.is_empty() {
+            let rendered: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+                .collect();
+            let _ = write!(self.out, "{{{}}}", rendered.join(","));
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text format (0.0.4) of everything the engine counts. The README's metrics table
+/// lists each family.
+pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> String {
+    let mut out = String::new();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    {
+        let mut f = Family::new(
+            &mut out,
+            "events_received_total",
+            "counter",
+            "Valid events read from NATS, by origin.",
+        );
+        f.sample(
+            "events_received_total",
+            &[("origin", "better-auth")],
+            count(&stats.received_better_auth),
+        );
+        f.sample(
+            "events_received_total",
+            &[("origin", "payload")],
+            count(&stats.received_payload),
+        );
+    }
+    let plain: [(&str, &std::sync::atomic::AtomicU64, &str); 10] = [
+        (
+            "duplicates_total",
+            &stats.duplicates,
+            "Events skipped because their id was already processed for the sink.",
+        ),
+        (
+            "no_ops_total",
+            &stats.no_ops,
+            "Events whose merge changed nothing and sent nothing.",
+        ),
+        (
+            "stale_total",
+            &stats.stale,
+            "Events that lost every field to a newer write.",
+        ),
+        (
+            "echoes_total",
+            &stats.echoes,
+            "Events recognised as echoes of the engine's own deliveries.",
+        ),
+        (
+            "skipped_unlinked_total",
+            &stats.skipped_unlinked,
+            "Events of users not linked to Better Auth (Payload users without betterAuthUserId).",
+        ),
+        (
+            "acked_total",
+            &stats.acked,
+            "Messages acknowledged on NATS.",
+        ),
+        (
+            "retries_total",
+            &stats.retries,
+            "Delivery attempts that failed and were scheduled again.",
+        ),
+        (
+            "mirror_applied_total",
+            &stats.mirror_applied,
+            "Better Auth events written to the PostgreSQL users mirror.",
+        ),
+        (
+            "mirror_stale_total",
+            &stats.mirror_stale,
+            "Mirror events not newer than the row (replays, late older events): no change.",
+        ),
+        (
+            "mirror_email_conflicts_total",
+            &stats.mirror_email_conflicts,
+            "Mirror rows written without their email because a newer active row holds it.",
+        ),
+    ];
+    for (name, counter, help) in plain {
+        Family::new(&mut out, name, "counter", help).sample(name, &[], count(counter));
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "retries_by_sink_total",
+            "counter",
+            "Delivery retries scheduled, by sink.",
+        );
+        for (labels, value) in stats.retries_by_sink.snapshot() {
+            f.sample("retries_by_sink_total", &[("sink", &labels[0])], value);
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "dead_letters_total",
+            "counter",
+            "Dead letters stored, by reason and sink.",
+        );
+        for (labels, value) in stats.dead_letters.snapshot() {
+            f.sample(
+                "dead_letters_total",
+                &[("reason", &labels[0]), ("sink", &labels[1])],
+                value,
+            );
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "deliveries_total",
+            "counter",
+            "Webhook delivery attempts by sink and answer: 2xx, 4xx, 5xx, error (no answer).",
+        );
+        for (labels, value) in stats.deliveries.snapshot() {
+            f.sample(
+                "deliveries_total",
+                &[("sink", &labels[0]), ("status", &labels[1])],
+                value,
+            );
+        }
+    }
+    {
+        let name = "delivery_duration_seconds";
+        let mut f = Family::new(
+            &mut out,
+            name,
+            "histogram",
+            "Time from sending a webhook request to its answer, by sink.",
+        );
+        for (sink, histogram) in stats.delivery_latency.snapshot() {
+            let mut cumulative = 0;
+            for (bound_ms, n) in LATENCY_BUCKETS_MS.iter().zip(histogram.buckets) {
+                cumulative += n;
+                let le = format!("{}", *bound_ms as f64 / 1000.0);
+                f.sample(
+                    &format!("{name}_bucket"),
+                    &[("sink", &sink), ("le", &le)],
+                    cumulative,
+                );
+            }
+            f.sample(
+                &format!("{name}_bucket"),
+                &[("sink", &sink), ("le", "+Inf")],
+                histogram.count,
+            );
+            f.sample(
+                &format!("{name}_sum"),
+                &[("sink", &sink)],
+                histogram.sum_ms as f64 / 1000.0,
+            );
+            f.sample(
+                &format!("{name}_count"),
+                &[("sink", &sink)],
+                histogram.count,
+            );
+        }
+    }
+    Family::new(
+        &mut out,
+        "users_active",
+        "gauge",
+        "Per-user actors alive (idle ones are reaped after engine.user_idle_timeout).",
+    )
+    .sample(
+        "users_active",
+        &[],
+        stats.users_active.load(Ordering::Relaxed),
     );
+    if let Some(in_flight) = live.in_flight {
+        Family::new(
+            &mut out,
+            "events_in_flight",
+            "gauge",
+            "Messages read from NATS and not yet settled (bounded by engine.max_in_flight).",
+        )
+        .sample("events_in_flight", &[], in_flight);
+    }
+    if !live.pending.is_empty() {
+        let mut f = Family::new(
+            &mut out,
+            "consumer_pending",
+            "gauge",
+            "Per durable consumer: messages NATS has not yet handed to the engine.",
+        );
+        for (consumer, pending, _) in &live.pending {
+            f.sample("consumer_pending", &[("consumer", consumer)], pending);
+        }
+        let mut f = Family::new(
+            &mut out,
+            "consumer_ack_pending",
+            "gauge",
+            "Per durable consumer: messages handed to the engine and not yet acknowledged.",
+        );
+        for (consumer, _, ack_pending) in &live.pending {
+            f.sample(
+                "consumer_ack_pending",
+                &[("consumer", consumer)],
+                ack_pending,
+            );
+        }
+    }
+    {
+        let mut f = Family::new(
+            &mut out,
+            "ingest_requests_total",
+            "counter",
+            "Signed HTTP ingest requests by endpoint origin and result (accepted, unauthorized, invalid, too_large, unavailable, wrong_origin).",
+        );
+        for (labels, value) in ingest.snapshot() {
+            f.sample(
+                "ingest_requests_total",
+                &[("origin", &labels[0]), ("result", &labels[1])],
+                value,
+            );
+        }
+    }
     out
 }

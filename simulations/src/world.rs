@@ -359,6 +359,7 @@ impl Engine {
             settings: self.settings.clone(),
             sources,
             stats: self.stats.clone(),
+            mirror: None,
         })
         .await
         .ok()

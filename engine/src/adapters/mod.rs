@@ -5,5 +5,6 @@ pub mod clock;
 pub mod dedup_memory;
 pub mod dedup_redis;
 pub mod http;
+pub mod mirror_pg;
 pub mod nats;
 pub mod store;

@@ -130,7 +130,34 @@ pub async fn ensure_consumer(
         protocol::Origin::BetterAuth => &config.better_auth_subjects,
         protocol::Origin::Payload => &config.payload_subjects,
     };
-    let (filter_subject, filter_subjects) = match subjects.as_slice() {
+    ensure_named_consumer(stream, config, name, subjects, max_ack_pending).await
+}
+
+/// The users mirror's durable consumer, `<prefix>-mirror`, on Better Auth's subjects.
+pub async fn ensure_mirror_consumer(
+    stream: &stream::Stream,
+    config: &NatsConfig,
+    max_ack_pending: usize,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let name = format!("{}-mirror", config.durable_prefix);
+    ensure_named_consumer(
+        stream,
+        config,
+        name,
+        &config.better_auth_subjects,
+        max_ack_pending,
+    )
+    .await
+}
+
+async fn ensure_named_consumer(
+    stream: &stream::Stream,
+    config: &NatsConfig,
+    name: String,
+    subjects: &[String],
+    max_ack_pending: usize,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let (filter_subject, filter_subjects) = match subjects {
         [one] => (one.clone(), Vec::new()),
         // Several filter subjects need NATS 2.10; the server says so if it is older.
         many => (String::new(), many.to_vec()),

@@ -2,7 +2,7 @@
 
 mod check_config;
 mod dlq;
-mod publish;
+pub mod publish;
 mod run;
 mod sign;
 mod simulate;
