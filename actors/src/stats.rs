@@ -89,10 +89,16 @@ pub struct Labelled(Mutex<BTreeMap<Vec<String>, u64>>);
 
 impl Labelled {
     pub fn add(&self, labels: &[&str]) {
-        if let Ok(mut series) = self.0.lock() {
-            let key = labels.iter().map(|l| (*l).to_string()).collect();
-            *series.entry(key).or_default() += 1;
+        let Ok(mut series) = self.0.lock() else {
+            return;
+        };
+        // Found without building a key: this runs for every delivery attempt.
+        let same = |k: &Vec<String>| k.iter().map(String::as_str).eq(labels.iter().copied());
+        if let Some((_, n)) = series.iter_mut().find(|(k, _)| same(k)) {
+            *n += 1;
+            return;
         }
+        series.insert(labels.iter().map(|l| (*l).to_string()).collect(), 1);
     }
 
     /// Every series with its value, ordered by label values.
@@ -139,7 +145,12 @@ impl Histograms {
         let Ok(mut all) = self.0.lock() else {
             return;
         };
-        let histogram = all.entry(label.to_string()).or_default();
+        if !all.contains_key(label) {
+            all.insert(label.to_string(), Histogram::default());
+        }
+        let Some(histogram) = all.get_mut(label) else {
+            return;
+        };
         if let Some(index) = LATENCY_BUCKETS_MS.iter().position(|bound| ms <= *bound) {
             histogram.buckets[index] += 1;
         }

@@ -36,7 +36,8 @@ pub struct FieldStamp {
 /// The canonical state of one user: fields with their stamps, and the tombstone.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
-    pub fields: BTreeMap<String, FieldStamp>,
+    /// Shared until written (see `history`).
+    pub fields: Arc<BTreeMap<String, FieldStamp>>,
     /// Set once by the first `user.deleted`; nothing lifts it (Better Auth never reuses ids).
     pub deleted_at: Option<i64>,
     /// Ids of the latest applied events, oldest first, at most [`RECENT_IDS_MAX`].
@@ -136,7 +137,7 @@ impl UserRecord {
             self.deleted_at = Some(ts);
             // The id stays so that a deletion delivered to a side still names the user.
             if let Some(id) = fields.get(ID) {
-                self.fields.entry(ID.to_string()).or_insert(FieldStamp {
+                Arc::make_mut(&mut self.fields).entry(ID.to_string()).or_insert(FieldStamp {
                     value: id.clone(),
                     ts,
                     origin,
@@ -154,15 +155,15 @@ impl UserRecord {
                 seq,
             };
             self.remember_write(name, write.clone());
-            match self.fields.get_mut(name) {
+            match self.fields.get(name) {
                 Some(held) if !wins_seq(ts, origin, seq, held) => {}
                 Some(held) => {
                     changed |= held.value != *value;
-                    *held = write;
+                    Arc::make_mut(&mut self.fields).insert(name.clone(), write);
                 }
                 None => {
                     changed = true;
-                    self.fields.insert(name.clone(), write);
+                    Arc::make_mut(&mut self.fields).insert(name.clone(), write);
                 }
             }
         }
@@ -235,7 +236,7 @@ impl UserRecord {
             if let Some(winner) = winner.cloned() {
                 let before = self.fields.get(name).map(|w| w.value.clone());
                 changed |= before.as_ref() != Some(&winner.value);
-                self.fields.insert(name.clone(), winner);
+                Arc::make_mut(&mut self.fields).insert(name.clone(), winner);
             }
         }
         changed

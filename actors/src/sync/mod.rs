@@ -41,13 +41,11 @@ impl Known {
     pub fn same_as(&self, other: &Known) -> bool {
         match (self, other) {
             (Known::Holds(a), Known::Holds(b)) => {
-                let present = |m: &CanonicalFields| -> Vec<(String, Value)> {
-                    m.iter()
-                        .filter(|(_, v)| !v.is_null())
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                };
-                present(a) == present(b)
+                fn present(m: &CanonicalFields) -> impl Iterator<Item = (&String, &Value)> {
+                    m.iter().filter(|(_, v)| !v.is_null())
+                }
+                // Compared in step, without copying either side: this runs for every event.
+                present(a).eq(present(b))
             }
             _ => self == other,
         }
@@ -64,7 +62,7 @@ pub struct SideState {
     pub echoes_due: VecDeque<Known>,
     /// The values the side itself last reported, per field (never forgotten, unlike `known`).
     #[serde(default)]
-    pub reported: CanonicalFields,
+    pub reported: Arc<CanonicalFields>,
     /// The commit time of the newest event this side reported.
     #[serde(default)]
     pub reported_ts_ms: i64,
@@ -112,7 +110,7 @@ impl Default for SideState {
             known: Known::Unknown,
             last_delivery_ms: None,
             echoes_due: VecDeque::new(),
-            reported: CanonicalFields::new(),
+            reported: Arc::default(),
             reported_ts_ms: 0,
             held_values: Arc::default(),
         }
@@ -412,7 +410,7 @@ impl SyncState {
         let side = self.side_mut(event.origin);
         side.remember_held(event.fields, event.timestamp_ms, false);
         if event.timestamp_ms >= side.reported_ts_ms {
-            side.reported
+            Arc::make_mut(&mut side.reported)
                 .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
             side.reported_ts_ms = event.timestamp_ms;
         }
@@ -518,7 +516,7 @@ impl SyncState {
             return MergeOutcome::Deleted;
         }
         for (name, value) in event.fields {
-            record.fields.insert(
+            Arc::make_mut(&mut record.fields).insert(
                 name.clone(),
                 protocol::FieldStamp {
                     value: value.clone(),
