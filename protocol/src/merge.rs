@@ -137,12 +137,14 @@ impl UserRecord {
             self.deleted_at = Some(ts);
             // The id stays so that a deletion delivered to a side still names the user.
             if let Some(id) = fields.get(ID) {
-                Arc::make_mut(&mut self.fields).entry(ID.to_string()).or_insert(FieldStamp {
-                    value: id.clone(),
-                    ts,
-                    origin,
-                    seq,
-                });
+                Arc::make_mut(&mut self.fields)
+                    .entry(ID.to_string())
+                    .or_insert(FieldStamp {
+                        value: id.clone(),
+                        ts,
+                        origin,
+                        seq,
+                    });
             }
             return MergeOutcome::Deleted;
         }
