@@ -589,7 +589,7 @@ async fn on_delivered(
     // Not durable means not acknowledged: failing here hands the messages back.
     state.args.ports.store.dead_letter(letter).await?;
     if let Some(sync) = state.sync.as_mut() {
-        sync.on_dead_lettered(side, &failed.event_ids);
+        sync.on_dead_lettered(side, &failed.send.state, &failed.event_ids);
     }
     save(state).await?;
     Stats::add(&stats.dead_letters_delivery);

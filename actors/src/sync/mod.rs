@@ -581,10 +581,18 @@ impl SyncState {
         side.last_delivery_ms = Some(now_ms);
     }
 
-    /// A delivery to `side` covering `event_ids` was dead-lettered: what the side holds is
-    /// unchanged, and the delivery is no longer owed (a replay of the dead letter decides anew).
-    pub fn on_dead_lettered(&mut self, side: Origin, event_ids: &[String]) {
+    /// A delivery to `side` of `state`, covering `event_ids`, was dead-lettered: what the side
+    /// holds is unchanged, and the delivery is no longer owed (a replay of the dead letter
+    /// decides anew). Its state is no longer an echo due: an event of that side carrying it
+    /// would otherwise pass for the echo of a write that never happened, and the side would be
+    /// taken to hold what it was never given. (Had an attempt been applied with its answer
+    /// lost, its values are still among the side's held values, so its echo is no write.)
+    pub fn on_dead_lettered(&mut self, side: Origin, state: &Known, event_ids: &[String]) {
         self.settle(side, event_ids);
+        let due = &mut self.side_mut(side).echoes_due;
+        if let Some(index) = due.iter().rposition(|sent| sent == state) {
+            due.remove(index);
+        }
     }
 }
 

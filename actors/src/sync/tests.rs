@@ -394,7 +394,8 @@ fn a_duplicate_with_nothing_stored_resends_what_is_missing() {
     let user = json!({"id":"u","email":"a@x"});
     let d = w.event("e1", BA, EventType::Created, 1, user.clone());
     // Its delivery was dead-lettered; a replay of the event comes back as a duplicate.
-    w.state.on_dead_lettered(PL, &["e1".to_string()]);
+    let sent = d.sends[0].state.clone();
+    w.state.on_dead_lettered(PL, &sent, &["e1".to_string()]);
     assert!(w.state.outbox.is_empty());
     let again = w.event("e1", BA, EventType::Created, 1, user);
     assert_eq!(again.verdict, Verdict::Duplicate);
@@ -508,4 +509,29 @@ fn same_millisecond_writes_of_one_origin_keep_their_stream_order_when_reordered(
     apply(&mut state, "b8", 8, "second");
     apply(&mut state, "b7", 7, "first");
     assert_eq!(state.record.canonical_fields()["image"], json!("second"));
+}
+
+#[test]
+fn a_dead_lettered_delivery_is_no_echo_due() {
+    // Found by the simulator (seed 587, 400 events): a Better Auth edit made while a delivery
+    // to it was in flight is resynced; that resync is rejected and dead-lettered; replaying
+    // the dead letter brings the edit back. It must not pass for the echo of the rejected
+    // resync, or Better Auth is taken to hold what it never got, and keeps the old state.
+    let mut w = World::new();
+    let d = w.event("p1", PL, EventType::Created, 1, json!({"id":"u","email":"a@x","name":"P"}));
+    w.deliver_all(&d);
+    let delivered_at = w.now_ms;
+    let edit = json!({"id":"u","email":"b@x","name":"B"});
+    let d = w.event("b1", BA, EventType::Updated, delivered_at + 100, edit.clone());
+    assert_eq!(ids(&d), vec![(BA, "b1:resync".to_string()), (PL, "b1".to_string())]);
+    let resync = d.sends.iter().find(|s| s.side == BA).expect("resync").clone();
+    w.state.on_dead_lettered(BA, &resync.state, &["b1".to_string()]);
+    // The replay: the same snapshot under a new event id.
+    let again = w.event("b1:replay-1", BA, EventType::Updated, delivered_at + 100, edit);
+    assert_ne!(again.verdict, Verdict::Echo);
+    assert!(
+        again.sends.iter().any(|s| s.side == BA),
+        "Better Auth is sent the canonical user again: {:?}",
+        ids(&again)
+    );
 }
