@@ -19,7 +19,7 @@ use serde_json::Value;
 
 /// How many delivered states per side may still be echoed back. Older ones are forgotten;
 /// an echo of a forgotten state is taken as a write, which costs one extra delivery, not a loop.
-pub const ECHOES_DUE_MAX: usize = 32;
+pub const ECHOES_DUE_MAX: usize = 64;
 
 /// What a side holds, as far as the engine knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +59,8 @@ pub struct SideState {
     /// Engine time of the last delivery this side accepted, milliseconds since the epoch.
     pub last_delivery_ms: Option<i64>,
     /// States sent to this side whose echo has not come back, oldest first.
-    pub echoes_due: VecDeque<Known>,
+    /// Shared until written, like `held_values`: saves after a delivery do not touch it.
+    pub echoes_due: Arc<VecDeque<Known>>,
     /// The values the side itself last reported, per field (never forgotten, unlike `known`).
     #[serde(default)]
     pub reported: Arc<CanonicalFields>,
@@ -80,7 +81,7 @@ pub struct SideState {
 pub type HeldValue = (i64, u64, bool);
 
 /// How many held values per field and side are remembered for telling stale copies from edits.
-pub const HELD_VALUES_MAX: usize = 64;
+pub const HELD_VALUES_MAX: usize = 128;
 
 /// A stable 64-bit hash of a JSON value (FNV-1a of its canonical text), written straight into
 /// the hash rather than into a string first.
@@ -109,7 +110,7 @@ impl Default for SideState {
         SideState {
             known: Known::Unknown,
             last_delivery_ms: None,
-            echoes_due: VecDeque::new(),
+            echoes_due: Arc::default(),
             reported: Arc::default(),
             reported_ts_ms: 0,
             held_values: Arc::default(),
@@ -478,7 +479,7 @@ impl SyncState {
     /// echo of the latest state sent also tells what the side holds now.
     fn take_echo(&mut self, side: Origin, fields: &CanonicalFields, last_only: bool) -> bool {
         let side_state = self.side_mut(side);
-        let due = &mut side_state.echoes_due;
+        let due = &side_state.echoes_due;
         let matches = |state: &Known| match state {
             Known::Holds(sent) => fields
                 .iter()
@@ -493,7 +494,7 @@ impl SyncState {
         match found {
             Some(index) => {
                 let latest = index + 1 == due.len();
-                if let Some(state) = due.remove(index) {
+                if let Some(state) = Arc::make_mut(&mut side_state.echoes_due).remove(index) {
                     if latest {
                         side_state.known = state;
                     }
@@ -541,10 +542,11 @@ impl SyncState {
         raw: &Arc<str>,
     ) {
         let side = self.side_mut(send.side);
-        if side.echoes_due.len() >= ECHOES_DUE_MAX {
-            side.echoes_due.pop_front();
+        let due = Arc::make_mut(&mut side.echoes_due);
+        if due.len() >= ECHOES_DUE_MAX {
+            due.pop_front();
         }
-        side.echoes_due.push_back(send.state.clone());
+        due.push_back(send.state.clone());
         if let Known::Holds(fields) = &send.state {
             side.remember_held(fields, now_ms, true);
         }
@@ -591,7 +593,7 @@ impl SyncState {
         self.settle(side, event_ids);
         let due = &mut self.side_mut(side).echoes_due;
         if let Some(index) = due.iter().rposition(|sent| sent == state) {
-            due.remove(index);
+            Arc::make_mut(due).remove(index);
         }
     }
 }

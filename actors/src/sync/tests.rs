@@ -518,16 +518,43 @@ fn a_dead_lettered_delivery_is_no_echo_due() {
     // the dead letter brings the edit back. It must not pass for the echo of the rejected
     // resync, or Better Auth is taken to hold what it never got, and keeps the old state.
     let mut w = World::new();
-    let d = w.event("p1", PL, EventType::Created, 1, json!({"id":"u","email":"a@x","name":"P"}));
+    let d = w.event(
+        "p1",
+        PL,
+        EventType::Created,
+        1,
+        json!({"id":"u","email":"a@x","name":"P"}),
+    );
     w.deliver_all(&d);
     let delivered_at = w.now_ms;
     let edit = json!({"id":"u","email":"b@x","name":"B"});
-    let d = w.event("b1", BA, EventType::Updated, delivered_at + 100, edit.clone());
-    assert_eq!(ids(&d), vec![(BA, "b1:resync".to_string()), (PL, "b1".to_string())]);
-    let resync = d.sends.iter().find(|s| s.side == BA).expect("resync").clone();
-    w.state.on_dead_lettered(BA, &resync.state, &["b1".to_string()]);
+    let d = w.event(
+        "b1",
+        BA,
+        EventType::Updated,
+        delivered_at + 100,
+        edit.clone(),
+    );
+    assert_eq!(
+        ids(&d),
+        vec![(BA, "b1:resync".to_string()), (PL, "b1".to_string())]
+    );
+    let resync = d
+        .sends
+        .iter()
+        .find(|s| s.side == BA)
+        .expect("resync")
+        .clone();
+    w.state
+        .on_dead_lettered(BA, &resync.state, &["b1".to_string()]);
     // The replay: the same snapshot under a new event id.
-    let again = w.event("b1:replay-1", BA, EventType::Updated, delivered_at + 100, edit);
+    let again = w.event(
+        "b1:replay-1",
+        BA,
+        EventType::Updated,
+        delivered_at + 100,
+        edit,
+    );
     assert_ne!(again.verdict, Verdict::Echo);
     assert!(
         again.sends.iter().any(|s| s.side == BA),
