@@ -12,7 +12,7 @@
 //! Exit codes: 0 in sync, 1 differences found (also with `--fix`: the fixes take effect when
 //! the engine delivers them), 2 on error.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::process::ExitCode;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
@@ -253,6 +253,9 @@ fn compare(ba_users: &BTreeMap<String, BetterAuthUser>, payload_users: &[Payload
     report
 }
 
+/// An event's `data`, or why there can be none.
+type EventData = Result<Map<String, Value>, String>;
+
 /// Publishes `user.created` for the missing, `user.updated` for the differing and
 /// `user.deleted` for the extra users, as Better Auth events stamped now.
 async fn fix(
@@ -264,7 +267,7 @@ async fn fix(
     let js = async_nats::jetstream::new(client);
     crate::adapters::nats::ensure_stream(&js, &config.nats).await?;
 
-    let mut planned: Vec<(EventType, String, Result<Map<String, Value>, String>)> = Vec::new();
+    let mut planned: Vec<(EventType, String, EventData)> = Vec::new();
     for missing in &report.missing {
         planned.push((
             EventType::Created,
@@ -280,12 +283,9 @@ async fn fix(
         ));
     }
     // One deletion per Better Auth id, however many Payload users carry it.
-    let mut deleted: HashMap<&str, ()> = HashMap::new();
+    let mut deleted: HashSet<&str> = HashSet::new();
     for extra in &report.extra {
-        if deleted
-            .insert(extra.better_auth_user_id.as_str(), ())
-            .is_none()
-        {
+        if deleted.insert(extra.better_auth_user_id.as_str()) {
             let mut data = Map::new();
             data.insert(
                 better_auth_columns(config).id,
@@ -340,11 +340,7 @@ async fn fix(
     Ok(())
 }
 
-fn full_user(
-    config: &Config,
-    ba_users: &BTreeMap<String, BetterAuthUser>,
-    id: &str,
-) -> Result<Map<String, Value>, String> {
+fn full_user(config: &Config, ba_users: &BTreeMap<String, BetterAuthUser>, id: &str) -> EventData {
     let user = ba_users
         .get(id)
         .ok_or_else(|| "no longer in Better Auth".to_string())?;
