@@ -338,10 +338,16 @@ impl UserDb {
             query
                 .fetch_all(pool)
                 .await
-                .map(|rows| rows.iter().filter_map(better_auth_user).collect())
+                .map(|rows| rows.iter().map(better_auth_user).collect::<Option<Vec<_>>>())
         })
         .map_err(|e| anyhow::anyhow!("cannot read table {:?}: {e}", table.name))?;
-        Ok(users)
+        // A row whose key cannot be read would end the paging early, silently.
+        users.ok_or_else(|| {
+            anyhow::anyhow!(
+                "table {:?} has a row whose id is neither text nor an integer",
+                table.name
+            )
+        })
     }
 
     /// Every row of Payload's users table, in key order, read a page at a time.
@@ -359,9 +365,15 @@ impl UserDb {
                 query
                     .fetch_all(pool)
                     .await
-                    .map(|rows| rows.iter().filter_map(payload_user).collect())
+                    .map(|rows| rows.iter().map(payload_user).collect::<Option<Vec<_>>>())
             })
-            .map_err(|e| anyhow::anyhow!("cannot read table {:?}: {e}", table.name))?;
+            .map_err(|e| anyhow::anyhow!("cannot read table {:?}: {e}", table.name))?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "table {:?} has a row whose id is neither text nor an integer",
+                    table.name
+                )
+            })?;
             match page.last() {
                 Some(last) => after = Some(last.id.clone()),
                 None => return Ok(users),
@@ -423,7 +435,22 @@ macro_rules! impl_cell {
                 self.try_get::<Option<String>, _>(column).ok().flatten()
             }
             fn integer(&self, column: &str) -> Option<i64> {
-                self.try_get::<Option<i64>, _>(column).ok().flatten()
+                // PostgreSQL's integer widths are distinct types (a serial id is int4).
+                self.try_get::<Option<i64>, _>(column)
+                    .ok()
+                    .flatten()
+                    .or_else(|| {
+                        self.try_get::<Option<i32>, _>(column)
+                            .ok()
+                            .flatten()
+                            .map(i64::from)
+                    })
+                    .or_else(|| {
+                        self.try_get::<Option<i16>, _>(column)
+                            .ok()
+                            .flatten()
+                            .map(i64::from)
+                    })
             }
             fn real(&self, column: &str) -> Option<f64> {
                 self.try_get::<Option<f64>, _>(column).ok().flatten()
