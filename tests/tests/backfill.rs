@@ -256,3 +256,38 @@ async fn backfill_names_a_missing_column() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_pages_an_integer_key_in_numeric_order() {
+    // Better Auth with numeric ids: as text, "1000" would sort before "999" and a resumed run
+    // would skip or repeat users.
+    let db = PgDatabase::create("ba_serial").await;
+    sqlx::query(
+        r#"CREATE TABLE "user" ("id" serial PRIMARY KEY, "name" text NOT NULL, "email" text NOT NULL UNIQUE,
+           "emailVerified" boolean NOT NULL, "image" text, "createdAt" timestamptz NOT NULL, "updatedAt" timestamptz NOT NULL)"#,
+    )
+    .execute(&db.pool)
+    .await
+    .expect("create the user table");
+    sqlx::query(
+        r#"INSERT INTO "user" ("name", "email", "emailVerified", "createdAt", "updatedAt")
+           SELECT 'User ' || i, 'user' || i || '@example.com', false, now(), now() FROM generate_series(1, 2500) i"#,
+    )
+    .execute(&db.pool)
+    .await
+    .expect("insert users");
+    let env = test_env().await;
+    let (stdout, _) = backfill(&env, &db.url, &["--limit", "1200"]);
+    assert_eq!(summary(&stdout, "published"), 1200, "{stdout}");
+    let (stdout, stderr) = backfill(&env, &db.url, &[]);
+    assert!(stderr.contains("resuming after user \"1200\""), "{stderr}");
+    assert_eq!(summary(&stdout, "published"), 1300, "{stdout}");
+    let messages = read_stream(&env.js, &env.stream).await;
+    let users: HashSet<String> = messages
+        .iter()
+        .map(|(_, body)| body["data"]["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!((messages.len(), users.len()), (2500, 2500));
+    env.cleanup().await;
+    db.drop_database().await;
+}
