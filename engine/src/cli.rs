@@ -26,6 +26,76 @@ pub enum Command {
     Dlq(DlqArgs),
     /// Run the deterministic simulation: the real actors against a seeded world of faults.
     Simulate(SimulateArgs),
+    /// Publish a `user.created` event for every user already in Better Auth's user table
+    /// (once: deterministic event ids and a checkpoint make a second run a no-op).
+    Backfill(BackfillArgs),
+    /// Compare Better Auth's user table with Payload's users table; exit 0 when in sync, 1 when
+    /// they differ, 2 on error. With `--fix`, publish the events that bring Payload in line.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Better Auth's database: `sqlite://path/to/auth.db` or `postgres://user@host/db`.
+    #[arg(long, value_name = "URL")]
+    pub from_better_auth: String,
+    /// Better Auth's user table (`schema.table` in PostgreSQL for one outside the search path).
+    #[arg(long, default_value = "user")]
+    pub table: String,
+    /// At most this many publishes per second, e.g. `500` or `500/s`.
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Read and check every user, publish nothing, report what would be published.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop after publishing this many users (the checkpoint is kept: the next run goes on).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u64>,
+    /// Forget the checkpoint and start from the first user (the events keep their ids, so the
+    /// engine still skips the ones it remembers).
+    #[arg(long)]
+    pub restart: bool,
+    /// Publishes awaiting JetStream's acknowledgement at once.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub in_flight: u32,
+}
+
+/// `500`, `500/s` or `2.5/s`: publishes per second, more than zero.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a rate: expected publishes per second such as 500 or 500/s"
+        )),
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Better Auth's database: `sqlite://…` or `postgres://…`.
+    #[arg(long, value_name = "URL")]
+    pub better_auth: String,
+    /// Payload's database: `sqlite://…` or `postgres://…`.
+    #[arg(long, value_name = "URL")]
+    pub payload: String,
+    /// Better Auth's user table.
+    #[arg(long, default_value = "user")]
+    pub ba_table: String,
+    /// Payload's users table (columns in snake_case, as Payload's SQL adapters name them).
+    #[arg(long, default_value = "users")]
+    pub payload_table: String,
+    /// Publish the events that bring Payload in line with Better Auth: `user.created` for
+    /// missing users, `user.updated` for differing ones, `user.deleted` for extra ones.
+    #[arg(long)]
+    pub fix: bool,
+    /// One JSON object with the arrays `missing`, `extra` and `differing` (and `fixes`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod env;
 pub mod receiver;
+pub mod user_tables;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

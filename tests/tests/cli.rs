@@ -156,6 +156,8 @@ fn every_command_has_help() {
         vec!["run", "--help"],
         vec!["check-config", "--help"],
         vec!["sign", "--help"],
+        vec!["backfill", "--help"],
+        vec!["reconcile", "--help"],
     ] {
         let output = sync_engine().args(&command).output().expect("run help");
         let (stdout, _) = text(&output);

@@ -8,3 +8,4 @@ pub mod http;
 pub mod mirror_pg;
 pub mod nats;
 pub mod store;
+pub mod user_tables;

@@ -1,8 +1,10 @@
 //! One module per subcommand. Each returns an exit code; errors are printed here, once.
 
+mod backfill;
 mod check_config;
 mod dlq;
 pub mod publish;
+mod reconcile;
 mod run;
 mod sign;
 mod simulate;
@@ -21,6 +23,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Publish(args) => publish::run(&args),
         Command::Dlq(args) => dlq::run(&args),
         Command::Simulate(args) => simulate::run(&args),
+        Command::Backfill(args) => backfill::run(&args),
+        Command::Reconcile(args) => reconcile::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,431 @@
+//! `sync-engine reconcile`: compares what Better Auth and Payload actually hold, and optionally
+//! publishes the events that bring Payload in line with Better Auth.
+//!
+//! The engine keeps the two sides in step only for changes it sees as events; a change made
+//! while a hook was broken, a restore from backup or a manual SQL edit never becomes one. This
+//! command looks at both user tables directly, matching Payload's `better_auth_user_id` to
+//! Better Auth's `id`. Better Auth is the identity provider, so it is the reference: a user
+//! missing from Payload is created, a differing one updated with Better Auth's values, and a
+//! Payload user whose Better Auth user no longer exists is deleted. The fixes are ordinary
+//! Better Auth events stamped now, so the engine's last-writer-wins merge lets them win.
+//!
+//! Exit codes: 0 in sync, 1 differences found (also with `--fix`: the fixes take effect when
+//! the engine delivers them), 2 on error.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::ExitCode;
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use protocol::{Envelope, EventType, Origin};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::adapters::user_tables::{
+    now_ms, snake_case, BetterAuthUser, PayloadColumns, PayloadUser, UserDb, PAGE_ROWS,
+};
+use crate::cli::ReconcileArgs;
+use crate::config::Config;
+
+use super::backfill::{better_auth_columns, user_data};
+use super::{config_path, runtime};
+
+/// Exit code when the tables differ.
+const EXIT_DIFFERENT: u8 = 1;
+/// Exit code when the comparison could not be made.
+const EXIT_ERROR: u8 = 2;
+
+pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
+    // Errors exit 2 here, not 1: 1 means "the tables differ" to scripts.
+    let result = Config::load(config_path(&args.config).as_deref(), std::env::vars())
+        .map_err(anyhow::Error::from)
+        .and_then(|config| runtime()?.block_on(reconcile(&config, args)));
+    match result {
+        Ok(code) => Ok(code),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            Ok(ExitCode::from(EXIT_ERROR))
+        }
+    }
+}
+
+/// A Better Auth user that Payload does not have.
+#[derive(Debug, Serialize)]
+struct Missing {
+    id: String,
+    email: Option<String>,
+    name: Option<String>,
+}
+
+/// A Payload user linked to a Better Auth user that does not exist.
+#[derive(Debug, Serialize)]
+struct Extra {
+    payload_id: String,
+    better_auth_user_id: String,
+    email: Option<String>,
+    full_name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct FieldDifference {
+    /// The canonical field: `email` or `name`.
+    field: &'static str,
+    better_auth: Option<String>,
+    payload: Option<String>,
+}
+
+/// A user both sides have, with different values.
+#[derive(Debug, Serialize)]
+struct Differing {
+    id: String,
+    payload_id: String,
+    differences: Vec<FieldDifference>,
+}
+
+/// Several Payload users linked to one Better Auth user: no event can fix that.
+#[derive(Debug, Serialize)]
+struct Duplicate {
+    better_auth_user_id: String,
+    payload_ids: Vec<String>,
+}
+
+/// An event published by `--fix`.
+#[derive(Debug, Serialize)]
+struct Fix {
+    #[serde(rename = "type")]
+    event_type: &'static str,
+    user: String,
+    event_id: String,
+    subject: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    in_sync: bool,
+    better_auth_users: usize,
+    payload_users: usize,
+    /// Payload users without a Better Auth id: not synced, so not compared.
+    unlinked_payload_users: usize,
+    missing: Vec<Missing>,
+    extra: Vec<Extra>,
+    differing: Vec<Differing>,
+    duplicates: Vec<Duplicate>,
+    fixes: Vec<Fix>,
+    /// Differences `--fix` could not turn into an event, with the reason.
+    not_fixed: Vec<String>,
+}
+
+async fn reconcile(config: &Config, args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
+    let ba_db = UserDb::connect(&args.better_auth, "--better-auth").await?;
+    let payload_db = UserDb::connect(&args.payload, "--payload").await?;
+    let ba_table = ba_db
+        .better_auth_table(&args.ba_table, &better_auth_columns(config))
+        .await?;
+    let payload_table = payload_db
+        .payload_table(&args.payload_table, &payload_columns(config))
+        .await?;
+
+    let mut ba_users: BTreeMap<String, BetterAuthUser> = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = ba_db
+            .better_auth_page(&ba_table, after.as_deref(), PAGE_ROWS)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        ba_users.extend(page.into_iter().map(|user| (user.id.clone(), user)));
+    }
+    let payload_users = payload_db.payload_users(&payload_table).await?;
+
+    let mut report = compare(&ba_users, &payload_users);
+    if args.fix && !report.in_sync {
+        fix(config, &ba_users, &mut report).await?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.in_sync {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIFFERENT)
+    })
+}
+
+/// Payload's column names: the snake_case of the Payload fields that `targets.payload.fields`
+/// maps `id`, `email` and `name` to (`better_auth_user_id`, `email`, `full_name` by default).
+fn payload_columns(config: &Config) -> PayloadColumns {
+    let fields = &config.targets.payload.fields;
+    let column = |canonical: &str, default: &str| {
+        snake_case(fields.get(canonical).map(String::as_str).unwrap_or(default))
+    };
+    PayloadColumns {
+        id: "id".into(),
+        better_auth_user_id: column(protocol::user::ID, "betterAuthUserId"),
+        email: column(protocol::user::EMAIL, "email"),
+        full_name: column("name", "fullName"),
+    }
+}
+
+/// `None` and `""` are the same value: Payload stores an unset name either way.
+fn normalized(value: &Option<String>) -> &str {
+    value.as_deref().unwrap_or("")
+}
+
+fn compare(ba_users: &BTreeMap<String, BetterAuthUser>, payload_users: &[PayloadUser]) -> Report {
+    let mut linked: BTreeMap<&str, Vec<&PayloadUser>> = BTreeMap::new();
+    let mut unlinked = 0;
+    for user in payload_users {
+        match user.better_auth_user_id.as_deref() {
+            Some(id) if !id.is_empty() => linked.entry(id).or_default().push(user),
+            _ => unlinked += 1,
+        }
+    }
+    let mut report = Report {
+        in_sync: true,
+        better_auth_users: ba_users.len(),
+        payload_users: payload_users.len(),
+        unlinked_payload_users: unlinked,
+        missing: Vec::new(),
+        extra: Vec::new(),
+        differing: Vec::new(),
+        duplicates: Vec::new(),
+        fixes: Vec::new(),
+        not_fixed: Vec::new(),
+    };
+    for (id, ba) in ba_users {
+        let Some(payload) = linked.get(id.as_str()) else {
+            report.missing.push(Missing {
+                id: id.clone(),
+                email: ba.email.clone(),
+                name: ba.name.clone(),
+            });
+            continue;
+        };
+        if payload.len() > 1 {
+            report.duplicates.push(Duplicate {
+                better_auth_user_id: id.clone(),
+                payload_ids: payload.iter().map(|p| p.id.clone()).collect(),
+            });
+        }
+        let Some(payload) = payload.first() else {
+            continue;
+        };
+        let mut differences = Vec::new();
+        if normalized(&ba.email) != normalized(&payload.email) {
+            differences.push(FieldDifference {
+                field: "email",
+                better_auth: ba.email.clone(),
+                payload: payload.email.clone(),
+            });
+        }
+        if normalized(&ba.name) != normalized(&payload.full_name) {
+            differences.push(FieldDifference {
+                field: "name",
+                better_auth: ba.name.clone(),
+                payload: payload.full_name.clone(),
+            });
+        }
+        if !differences.is_empty() {
+            report.differing.push(Differing {
+                id: id.clone(),
+                payload_id: payload.id.clone(),
+                differences,
+            });
+        }
+    }
+    for (id, payload) in &linked {
+        if !ba_users.contains_key(*id) {
+            for user in payload {
+                report.extra.push(Extra {
+                    payload_id: user.id.clone(),
+                    better_auth_user_id: id.to_string(),
+                    email: user.email.clone(),
+                    full_name: user.full_name.clone(),
+                });
+            }
+        }
+    }
+    report.in_sync = report.missing.is_empty()
+        && report.extra.is_empty()
+        && report.differing.is_empty()
+        && report.duplicates.is_empty();
+    report
+}
+
+/// An event's `data`, or why there can be none.
+type EventData = Result<Map<String, Value>, String>;
+
+/// Publishes `user.created` for the missing, `user.updated` for the differing and
+/// `user.deleted` for the extra users, as Better Auth events stamped now.
+async fn fix(
+    config: &Config,
+    ba_users: &BTreeMap<String, BetterAuthUser>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let client = crate::adapters::nats::connect(&config.nats).await?;
+    let js = async_nats::jetstream::new(client);
+    crate::adapters::nats::ensure_stream(&js, &config.nats).await?;
+
+    let mut planned: Vec<(EventType, String, EventData)> = Vec::new();
+    for missing in &report.missing {
+        planned.push((
+            EventType::Created,
+            missing.id.clone(),
+            full_user(config, ba_users, &missing.id),
+        ));
+    }
+    for differing in &report.differing {
+        planned.push((
+            EventType::Updated,
+            differing.id.clone(),
+            full_user(config, ba_users, &differing.id),
+        ));
+    }
+    // One deletion per Better Auth id, however many Payload users carry it.
+    let mut deleted: HashSet<&str> = HashSet::new();
+    for extra in &report.extra {
+        if deleted.insert(extra.better_auth_user_id.as_str()) {
+            let mut data = Map::new();
+            data.insert(
+                better_auth_columns(config).id,
+                Value::String(extra.better_auth_user_id.clone()),
+            );
+            planned.push((
+                EventType::Deleted,
+                extra.better_auth_user_id.clone(),
+                Ok(data),
+            ));
+        }
+    }
+
+    let mappings = config.mappings();
+    for (event_type, user, data) in planned {
+        let data = match data {
+            Ok(data) => data,
+            Err(reason) => {
+                report.not_fixed.push(format!(
+                    "{} of user {user:?}: {reason}",
+                    event_type.as_str()
+                ));
+                continue;
+            }
+        };
+        let envelope = Envelope {
+            // Fresh: an earlier fix of the same user may be remembered as done by the engine.
+            id: format!("reconcile-{}", uuid::Uuid::new_v4()),
+            origin: Origin::BetterAuth,
+            event_type,
+            // Now, so that Better Auth's state wins the engine's last-writer-wins merge.
+            timestamp: now_ms(),
+            data,
+        };
+        if let Err(bad) = protocol::user::Event::parse(&envelope.to_bytes(), usize::MAX, &mappings)
+        {
+            report.not_fixed.push(format!(
+                "{} of user {user:?}: the event would be rejected: {bad}",
+                event_type.as_str()
+            ));
+            continue;
+        }
+        let subject = super::publish::subject_for(config, Origin::BetterAuth, event_type, &user);
+        super::publish::publish(&js, &subject, &envelope.id, envelope.to_bytes()).await?;
+        report.fixes.push(Fix {
+            event_type: event_type.as_str(),
+            user,
+            event_id: envelope.id,
+            subject,
+        });
+    }
+    Ok(())
+}
+
+fn full_user(config: &Config, ba_users: &BTreeMap<String, BetterAuthUser>, id: &str) -> EventData {
+    let user = ba_users
+        .get(id)
+        .ok_or_else(|| "no longer in Better Auth".to_string())?;
+    user_data(config, user)
+}
+
+fn print_report(report: &Report) {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec![
+        "difference",
+        "user",
+        "field",
+        "Better Auth",
+        "Payload",
+    ]);
+    let shown = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
+    for missing in &report.missing {
+        table.add_row(vec![
+            "missing in Payload".into(),
+            missing.id.clone(),
+            "".into(),
+            format!("{} / {}", shown(&missing.email), shown(&missing.name)),
+            "-".into(),
+        ]);
+    }
+    for extra in &report.extra {
+        table.add_row(vec![
+            "extra in Payload".into(),
+            extra.better_auth_user_id.clone(),
+            "".into(),
+            "-".into(),
+            format!(
+                "{} / {} (Payload id {})",
+                shown(&extra.email),
+                shown(&extra.full_name),
+                extra.payload_id
+            ),
+        ]);
+    }
+    for differing in &report.differing {
+        for difference in &differing.differences {
+            table.add_row(vec![
+                "differs".into(),
+                differing.id.clone(),
+                difference.field.to_string(),
+                shown(&difference.better_auth),
+                shown(&difference.payload),
+            ]);
+        }
+    }
+    for duplicate in &report.duplicates {
+        table.add_row(vec![
+            "several Payload users".into(),
+            duplicate.better_auth_user_id.clone(),
+            "".into(),
+            "".into(),
+            format!("Payload ids {}", duplicate.payload_ids.join(", ")),
+        ]);
+    }
+    if !report.in_sync {
+        println!("{table}");
+    }
+    println!(
+        "{} Better Auth users, {} Payload users ({} not linked to Better Auth, not compared)",
+        report.better_auth_users, report.payload_users, report.unlinked_payload_users
+    );
+    if report.in_sync {
+        println!("in sync");
+    } else {
+        println!(
+            "{} missing, {} extra, {} differing, {} with several Payload users",
+            report.missing.len(),
+            report.extra.len(),
+            report.differing.len(),
+            report.duplicates.len()
+        );
+    }
+    for fix in &report.fixes {
+        println!(
+            "published {} for user {} as {} on {}",
+            fix.event_type, fix.user, fix.event_id, fix.subject
+        );
+    }
+    for not_fixed in &report.not_fixed {
+        println!("not fixed: {not_fixed}");
+    }
+}
