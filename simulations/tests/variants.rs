@@ -15,7 +15,7 @@ const CAUGHT: [(Variant, u64, &[&str]); 7] = [
     // (c) no per-user ordering: an older state lands after a newer one.
     (Variant::Unordered, 0, &["[order]"]),
     // (d) events applied as they come: stale copies win, and echoing sides never settle.
-    (Variant::SkipMerge, 1, &["[converge]", "[quiet]", "[loop]"]),
+    (Variant::SkipMerge, 3, &["[converge]", "[quiet]", "[loop]"]),
     // (e) no echo suppression: echoing apps ping-pong forever.
     (Variant::NoEchoSuppression, 0, &["[loop]", "[quiet]"]),
     // (f) echo recognised only against the last delivery: a late echo counts as a write.
