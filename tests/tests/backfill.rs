@@ -291,3 +291,55 @@ async fn backfill_pages_an_integer_key_in_numeric_order() {
     env.cleanup().await;
     db.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfilled_users_are_each_delivered_once_through_the_engine() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("auth.db");
+    let pool = sqlite(&path).await;
+    sqlx::query(BETTER_AUTH_SQLITE)
+        .execute(&pool)
+        .await
+        .expect("create the user table");
+    let users = ba_users(USERS);
+    insert_ba_sqlite(&pool, &users).await;
+    pool.close().await;
+    let url = format!("sqlite://{}", path.display());
+
+    let payload = tests::receiver::Receiver::start(tests::TEST_SECRET).await;
+    let better_auth = tests::receiver::Receiver::start(tests::TEST_SECRET).await;
+    let mut env = TestEnv::new(&payload.url, &better_auth.url, EnvOptions::default()).await;
+    env.start_engine().await;
+    let (stdout, _) = backfill(&env, &url, &[]);
+    assert_eq!(summary(&stdout, "published"), USERS as u64, "{stdout}");
+    let delivered = payload
+        .wait_accepted(Duration::from_secs(120), |r| r.len() >= USERS)
+        .await;
+    let ids: HashSet<String> = delivered
+        .iter()
+        .map(|d| d.webhook_id().to_string())
+        .collect();
+    assert_eq!(ids.len(), USERS, "each user delivered under its own id");
+    let delivered_users: HashSet<String> = delivered
+        .iter()
+        .map(|d| {
+            d.data("betterAuthUserId")
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let expected: HashSet<String> = users.iter().map(|u| u.id.clone()).collect();
+    assert_eq!(delivered_users, expected, "every user reached Payload");
+
+    // A second run publishes nothing, so nothing more is delivered.
+    let (stdout, _) = backfill(&env, &url, &[]);
+    assert_eq!(summary(&stdout, "published"), 0, "{stdout}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(payload.received().len(), USERS, "no delivery twice");
+    assert!(
+        better_auth.received().is_empty(),
+        "nothing went back to Better Auth"
+    );
+    env.cleanup().await;
+}
