@@ -196,8 +196,9 @@ async fn backfill_scenario(url: &str, users: &[BaUser], interruption: Interrupti
     full_run
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn backfill_from_sqlite_publishes_every_user_once_and_resumes() {
+/// A Better Auth SQLite database of [`USERS`] users, in a folder that lives as long as the
+/// returned guard: (guard, URL, the users).
+async fn sqlite_better_auth() -> (tempfile::TempDir, String, Vec<BaUser>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("auth.db");
     let pool = sqlite(&path).await;
@@ -208,8 +209,13 @@ async fn backfill_from_sqlite_publishes_every_user_once_and_resumes() {
     let users = ba_users(USERS);
     insert_ba_sqlite(&pool, &users).await;
     pool.close().await;
-
     let url = format!("sqlite://{}", path.display());
+    (dir, url, users)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_from_sqlite_publishes_every_user_once_and_resumes() {
+    let (_dir, url, users) = sqlite_better_auth().await;
     let full_run = backfill_scenario(&url, &users, Interruption::Kill).await;
     eprintln!("timing: backfill of {USERS} users from SQLite took {full_run:?}");
 }
@@ -294,17 +300,7 @@ async fn backfill_pages_an_integer_key_in_numeric_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfilled_users_are_each_delivered_once_through_the_engine() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("auth.db");
-    let pool = sqlite(&path).await;
-    sqlx::query(BETTER_AUTH_SQLITE)
-        .execute(&pool)
-        .await
-        .expect("create the user table");
-    let users = ba_users(USERS);
-    insert_ba_sqlite(&pool, &users).await;
-    pool.close().await;
-    let url = format!("sqlite://{}", path.display());
+    let (_dir, url, users) = sqlite_better_auth().await;
 
     let payload = tests::receiver::Receiver::start(tests::TEST_SECRET).await;
     let better_auth = tests::receiver::Receiver::start(tests::TEST_SECRET).await;
