@@ -5,10 +5,14 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { after, before } from "node:test";
 import { connect, type NatsConnection, type StoredMsg } from "nats";
 import { Webhook } from "standardwebhooks";
 
 export const NATS_URL = process.env.NATS_URL ?? "nats://127.0.0.1:4222";
+
+/** Event ids (PROTOCOL.md §1): 1–128 of A-Za-z0-9_:-. */
+export const EVENT_ID = /^[A-Za-z0-9_:-]{1,128}$/;
 
 export function newSecret(): string {
   return `whsec_${randomBytes(32).toString("base64")}`;
@@ -100,7 +104,7 @@ export function signedDelivery(
   secret: string,
   envelope: { id: string; origin: string; type: string; timestamp: number; data: Record<string, unknown> },
   webhookId = envelope.id,
-): { headers: Record<string, string>; body: string } {
+): Delivery {
   const body = JSON.stringify(envelope);
   const now = new Date();
   const signature = new Webhook(secret).sign(webhookId, now, body);
@@ -117,6 +121,57 @@ export function signedDelivery(
       "x-webhook-event": envelope.type,
     },
   };
+}
+
+export type Delivery = { headers: Record<string, string>; body: string };
+
+/** POSTs a delivery to a receiver endpoint; returns the status and the JSON body (null if none). */
+export async function postDelivery(url: string, delivery: Delivery): Promise<{ status: number; body: any }> {
+  const response = await fetch(url, { method: "POST", headers: delivery.headers, body: delivery.body });
+  return { status: response.status, body: await response.json().catch(() => null) };
+}
+
+/**
+ * For a describe(): before its tests, a TestStream and an app started with the stream's
+ * subjectPrefix, a new secret and a recording logger, served over HTTP; after them, both removed.
+ * `deliver` POSTs a delivery to the app's receiver at `webhookPath`.
+ */
+export function liveApp<App extends { listen(): Promise<string>; close(): Promise<void> }>(
+  start: (options: { subjectPrefix: string; secret: string; logger: ReturnType<typeof recordingLogger> }) => Promise<App>,
+  webhookPath: string,
+) {
+  const live = {
+    secret: newSecret(),
+    logger: recordingLogger(),
+    stream: undefined as unknown as TestStream,
+    app: undefined as unknown as App,
+    baseUrl: "",
+    deliver: (delivery: Delivery) => postDelivery(`${live.baseUrl}${webhookPath}`, delivery),
+  };
+  before(async () => {
+    live.stream = await TestStream.create();
+    live.app = await start({ subjectPrefix: live.stream.prefix, secret: live.secret, logger: live.logger });
+    live.baseUrl = await live.app.listen();
+  });
+  after(async () => {
+    await live.app?.close();
+    await live.stream?.remove();
+  });
+  return live;
+}
+
+/**
+ * Deliveries of `envelope` that a receiver must refuse with 401, by what is wrong with them:
+ * signed with another secret, body changed after signing, no signature, a timestamp an hour old.
+ */
+export function badlySigned(secret: string, envelope: Parameters<typeof signedDelivery>[1]): Record<string, Delivery> {
+  const tampered = signedDelivery(secret, envelope);
+  tampered.body = tampered.body.replace(/}$/, ',"tampered":true}');
+  const unsigned = signedDelivery(secret, envelope);
+  delete unsigned.headers["webhook-signature"];
+  const stale = signedDelivery(secret, envelope);
+  stale.headers["webhook-timestamp"] = String(Math.floor(Date.now() / 1000) - 3600);
+  return { "another secret": signedDelivery(newSecret(), envelope), tampered, unsigned, stale };
 }
 
 /** Serves a fetch-style handler on 127.0.0.1 at a random port. */
@@ -176,8 +231,21 @@ export function recordingLogger() {
   const lines: { level: string; message: string }[] = [];
   return {
     lines,
+    /** The messages logged as errors. */
+    errors: () => lines.filter((l) => l.level === "error").map((l) => l.message),
     info: (message: string) => void lines.push({ level: "info", message }),
     warn: (message: string) => void lines.push({ level: "warn", message }),
     error: (message: string) => void lines.push({ level: "error", message }),
   };
+}
+
+/** Runs `fn` with the environment variable `name` unset, then restores it. */
+export function withoutEnv(name: string, fn: () => void): void {
+  const saved = process.env[name];
+  delete process.env[name];
+  try {
+    fn();
+  } finally {
+    if (saved !== undefined) process.env[name] = saved;
+  }
 }

@@ -1,55 +1,28 @@
 import { AsyncLocalStorage } from "node:async_hooks";
 import type { AuthContext, BetterAuthPlugin } from "better-auth";
 import { APIError, createAuthEndpoint } from "better-auth/api";
-import type { ConnectionOptions } from "nats";
 import {
   BadDelivery,
-  consoleLogger,
-  createReceiver,
-  MemoryDeliveryLog,
   newEventId,
-  Publisher,
-  resolveSecrets,
+  setUpSync,
   subjectFor,
   toWire,
-  type DeliveryLog,
   type Envelope,
   type EventType,
-  type Logger,
   type PublisherStats,
-} from "./common.js";
+  type SyncOptions,
+} from "@sync-engine/common";
 
-export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats } from "./common.js";
+export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats, type SyncOptions } from "@sync-engine/common";
 
-export interface SyncEngineOptions {
-  /** NATS server(s). Default "nats://127.0.0.1:4222". */
-  servers?: string | string[];
-  /** Extra `connect()` options of the `nats` package (credentials, TLS, …). */
-  connectionOptions?: Partial<ConnectionOptions>;
-  /**
-   * Prepended to the subjects: "acme" publishes "acme.user.updated.<id>". Match the engine's
-   * `nats.better_auth_subjects`. Default "" ("user.updated.<id>").
-   */
-  subjectPrefix?: string;
-  /**
-   * The webhook secret(s) of the engine's `targets.better_auth` (whsec_<base64>; several separated
-   * by spaces while rotating). Default: env BETTER_AUTH_WEBHOOK_SECRET.
-   */
-  secret?: string | string[];
-  /** User fields to publish (`id` and `email` always are). Default: every field of the user. */
-  fields?: string[];
-  /** Publish the app's own user changes. Default true. */
-  publish?: boolean;
-  /** Serve the receiver endpoint (POST <basePath>/sync/webhook). Default true. */
-  receive?: boolean;
-  /** Create a delivered user that does not exist here (with the delivered id). Default true. */
-  createMissingUsers?: boolean;
-  /** Where applied `webhook-id`s are remembered. Default: in memory, 48 h, 100 000 ids. */
-  deliveryLog?: DeliveryLog;
-  /** How long to wait for JetStream to store an event (ms). Default 5000. */
-  publishTimeoutMs?: number;
-  logger?: Logger;
-}
+/**
+ * The options (SyncOptions of @sync-engine/common), as this plugin reads them: `subjectPrefix`
+ * "acme" publishes "acme.user.updated.<id>" (match the engine's `nats.better_auth_subjects`);
+ * `secret` is that of the engine's `targets.better_auth`, by default env BETTER_AUTH_WEBHOOK_SECRET;
+ * `fields` are user fields (`id` and `email` always go; default every field of the user);
+ * `receive` serves POST <basePath>/sync/webhook.
+ */
+export type SyncEngineOptions = SyncOptions;
 
 /** Set while the receiver writes, so that the hooks do not publish the engine's own writes. */
 const receiverWrite = new AsyncLocalStorage<true>();
@@ -71,21 +44,11 @@ export interface SyncEnginePlugin extends BetterAuthPlugin {
  * `POST <basePath>/sync/webhook`.
  */
 export function syncEngine(options: SyncEngineOptions = {}): SyncEnginePlugin {
-  const logger = options.logger ?? consoleLogger;
-  const prefix = options.subjectPrefix ?? "";
-  const publishing = options.publish ?? true;
-  const receiving = options.receive ?? true;
-  const createMissing = options.createMissingUsers ?? true;
-  const publisher = new Publisher({
-    servers: options.servers ?? "nats://127.0.0.1:4222",
-    connectionOptions: options.connectionOptions,
-    publishTimeoutMs: options.publishTimeoutMs,
-    logger,
+  const { prefix, publishing, receiving, createMissing, publisher, receiver } = setUpSync(options, {
     name: "sync-engine/better-auth",
+    secretEnv: "BETTER_AUTH_WEBHOOK_SECRET",
   });
   const fields = options.fields ? [...new Set(["id", "email", ...options.fields])] : undefined;
-  const secrets = receiving ? resolveSecrets(options.secret, "BETTER_AUTH_WEBHOOK_SECRET") : [];
-  const log = options.deliveryLog ?? new MemoryDeliveryLog();
 
   async function publish(type: EventType, user: Record<string, unknown> | null | undefined): Promise<void> {
     if (!publishing || !user || receiverWrite.getStore()) return;
@@ -135,7 +98,6 @@ export function syncEngine(options: SyncEngineOptions = {}): SyncEnginePlugin {
     return "created";
   }
 
-  const receiver = createReceiver({ secrets, log, logger });
   const endpoints: BetterAuthPlugin["endpoints"] = {};
   if (receiving) {
     endpoints.syncEngineWebhook = createAuthEndpoint(

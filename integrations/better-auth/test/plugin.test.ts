@@ -1,48 +1,36 @@
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import { syncEngine } from "@sync-engine/better-auth";
 import { betterAuthApp } from "../../test-support/better-auth-app.ts";
-import { newSecret, recordingLogger, signedDelivery, sleep, TestStream } from "../../test-support/support.ts";
-
-const EVENT_ID = /^[A-Za-z0-9_:-]{1,128}$/;
+import {
+  badlySigned,
+  type Delivery,
+  EVENT_ID,
+  liveApp,
+  newSecret,
+  postDelivery,
+  recordingLogger,
+  signedDelivery,
+  sleep,
+  TestStream,
+  withoutEnv,
+} from "../../test-support/support.ts";
 
 describe("Better Auth plugin with a real JetStream stream", () => {
-  let stream: TestStream;
-  let app: Awaited<ReturnType<typeof betterAuthApp>>;
-  let baseUrl: string;
-  const secret = newSecret();
-  const logger = recordingLogger();
-
-  before(async () => {
-    stream = await TestStream.create();
-    app = await betterAuthApp({ subjectPrefix: stream.prefix, secret, logger });
-    baseUrl = await app.listen();
-  });
-  after(async () => {
-    await app?.close();
-    await stream?.remove();
-  });
-
-  async function deliver(delivery: { headers: Record<string, string>; body: string }) {
-    const response = await fetch(`${baseUrl}/api/auth/sync/webhook`, {
-      method: "POST",
-      headers: delivery.headers,
-      body: delivery.body,
-    });
-    return { status: response.status, body: await response.json().catch(() => null) };
-  }
+  const live = liveApp(betterAuthApp, "/api/auth/sync/webhook");
+  const { secret, deliver } = live;
 
   test("sign-up, update and delete publish envelopes per PROTOCOL.md §1", async () => {
-    const start = await stream.count();
+    const start = await live.stream.count();
     const before = Date.now();
-    const { user, headers, password } = await app.signUp("ada@example.com", "Ada Lovelace");
-    await app.auth.api.updateUser({ body: { name: "Ada King" }, headers });
-    await app.auth.api.deleteUser({ body: { password }, headers });
+    const { user, headers, password } = await live.app.signUp("ada@example.com", "Ada Lovelace");
+    await live.app.auth.api.updateUser({ body: { name: "Ada King" }, headers });
+    await live.app.auth.api.deleteUser({ body: { password }, headers });
     const after = Date.now();
-    const messages = (await stream.waitFor(start + 3)).slice(start);
+    const messages = (await live.stream.waitFor(start + 3)).slice(start);
     assert.deepEqual(
       messages.map((m) => m.subject),
-      ["created", "updated", "deleted"].map((verb) => `${stream.prefix}.user.${verb}.${user.id}`),
+      ["created", "updated", "deleted"].map((verb) => `${live.stream.prefix}.user.${verb}.${user.id}`),
     );
     const [created, updated, deleted] = messages.map((m) => m.envelope);
     for (const [i, message] of messages.entries()) {
@@ -62,13 +50,13 @@ describe("Better Auth plugin with a real JetStream stream", () => {
     assert.equal(created.data.emailVerified, false);
     assert.equal(typeof created.data.createdAt, "string");
     assert.equal(new Date(created.data.createdAt).toISOString(), created.data.createdAt, "dates are ISO strings");
-    assert.equal(await app.findUser(user.id), null);
+    assert.equal(await live.app.findUser(user.id), null);
   });
 
   test("a signed delivery is applied and not published again", async () => {
-    const { user } = await app.signUp("grace@example.com", "Grace Hopper");
-    const start = await stream.waitFor(1).then(() => stream.count());
-    const published = app.plugin.stats.published;
+    const { user } = await live.app.signUp("grace@example.com", "Grace Hopper");
+    const start = await live.stream.waitFor(1).then(() => live.stream.count());
+    const published = live.app.plugin.stats.published;
 
     const update = signedDelivery(secret, {
       id: "evt-upd-1",
@@ -79,16 +67,16 @@ describe("Better Auth plugin with a real JetStream stream", () => {
     });
     const updated = await deliver(update);
     assert.equal(updated.status, 200, JSON.stringify(updated.body));
-    let row = await app.findUser(user.id);
+    let row = await live.app.findUser(user.id);
     assert.equal(row?.name, "Rear Admiral Hopper");
     assert.equal(row?.email, "grace@navy.mil");
 
     // The same webhook-id again is acknowledged without applying it again.
-    await app.context.internalAdapter.updateUser(user.id, { name: "Local Edit" });
+    await live.app.context.internalAdapter.updateUser(user.id, { name: "Local Edit" });
     const again = await deliver(update);
     assert.equal(again.status, 200);
     assert.equal(again.body.result, "duplicate");
-    assert.equal((await app.findUser(user.id))?.name, "Local Edit");
+    assert.equal((await live.app.findUser(user.id))?.name, "Local Edit");
 
     // A user this side does not have is created with the delivered id.
     const created = await deliver(
@@ -101,7 +89,7 @@ describe("Better Auth plugin with a real JetStream stream", () => {
       }),
     );
     assert.equal(created.status, 200, JSON.stringify(created.body));
-    row = await app.findUser("u_from_payload_1");
+    row = await live.app.findUser("u_from_payload_1");
     assert.equal(row?.email, "linus@example.com");
     assert.equal(row?.name, "Linus");
 
@@ -109,18 +97,18 @@ describe("Better Auth plugin with a real JetStream stream", () => {
       signedDelivery(secret, { id: "evt-del-1", origin: "payload", type: "user.deleted", timestamp: Date.now(), data: { id: user.id } }),
     );
     assert.equal(deleted.status, 200, JSON.stringify(deleted.body));
-    assert.equal(await app.findUser(user.id), null);
+    assert.equal(await live.app.findUser(user.id), null);
 
     // Exactly one event came from this test: the local edit. The receiver's writes published nothing.
     await sleep(300);
-    const messages = (await stream.messages()).slice(start);
+    const messages = (await live.stream.messages()).slice(start);
     assert.deepEqual(messages.map((m) => [m.envelope.type, m.envelope.data.name]), [["user.updated", "Local Edit"]]);
-    assert.equal(app.plugin.stats.published, published + 1);
+    assert.equal(live.app.plugin.stats.published, published + 1);
   });
 
   test("a bad signature is refused with 401 and changes nothing", async () => {
-    const { user } = await app.signUp("barbara@example.com", "Barbara Liskov");
-    const start = await stream.count();
+    const { user } = await live.app.signUp("barbara@example.com", "Barbara Liskov");
+    const start = await live.stream.count();
     const envelope = {
       id: "evt-bad-1",
       origin: "payload",
@@ -128,23 +116,15 @@ describe("Better Auth plugin with a real JetStream stream", () => {
       timestamp: Date.now(),
       data: { id: user.id, email: "barbara@example.com", name: "Mallory" },
     };
-    const wrongSecret = await deliver(signedDelivery(newSecret(), envelope));
-    assert.equal(wrongSecret.status, 401);
-    const tampered = signedDelivery(secret, envelope);
-    tampered.body = tampered.body.replace("Mallory", "Mallory2");
-    assert.equal((await deliver(tampered)).status, 401);
-    const unsigned = signedDelivery(secret, envelope);
-    delete unsigned.headers["webhook-signature"];
-    assert.equal((await deliver(unsigned)).status, 401);
-    const stale = signedDelivery(secret, envelope);
-    stale.headers["webhook-timestamp"] = String(Math.floor(Date.now() / 1000) - 3600);
-    assert.equal((await deliver(stale)).status, 401);
-    assert.equal((await app.findUser(user.id))?.name, "Barbara Liskov");
+    for (const [what, delivery] of Object.entries(badlySigned(secret, envelope))) {
+      assert.equal((await deliver(delivery)).status, 401, what);
+    }
+    assert.equal((await live.app.findUser(user.id))?.name, "Barbara Liskov");
     // A refused delivery is not remembered: the correctly signed one still applies.
     assert.equal((await deliver(signedDelivery(secret, envelope))).status, 200);
-    assert.equal((await app.findUser(user.id))?.name, "Mallory");
+    assert.equal((await live.app.findUser(user.id))?.name, "Mallory");
     await sleep(200);
-    assert.equal(await stream.count(), start);
+    assert.equal(await live.stream.count(), start);
   });
 
   test("a malformed delivery is refused with 400", async () => {
@@ -175,8 +155,7 @@ describe("Better Auth plugin options", () => {
     try {
       const url = await app.listen();
       const { user } = await app.signUp("rot@example.com", "Rot");
-      const send = async (delivery: { headers: Record<string, string>; body: string }) =>
-        (await fetch(`${url}/api/auth/sync/webhook`, { method: "POST", headers: delivery.headers, body: delivery.body })).status;
+      const send = async (delivery: Delivery) => (await postDelivery(`${url}/api/auth/sync/webhook`, delivery)).status;
       const envelope = (n: number) => ({
         id: `evt-rot-${n}`,
         origin: "payload",
@@ -209,7 +188,7 @@ describe("Better Auth plugin options", () => {
       assert.equal((await app.findUser(user.id))?.email, "offline@example.com");
       assert.equal(app.plugin.stats.failed, 1);
       assert.equal(app.plugin.stats.published, 0);
-      const errors = logger.lines.filter((l) => l.level === "error").map((l) => l.message);
+      const errors = logger.errors();
       assert.equal(errors.length, 1);
       assert.match(errors[0], /could not publish user\.created .* NATS \(nats:\/\/127\.0\.0\.1:1\)/);
       assert.match(errors[0], /unreachable/);
@@ -225,20 +204,16 @@ describe("Better Auth plugin options", () => {
     try {
       await app.signUp("nostream@example.com", "No Stream");
       assert.equal(app.plugin.stats.failed, 1);
-      assert.match(logger.lines.find((l) => l.level === "error")!.message, /no JetStream stream/);
+      assert.match(logger.errors()[0], /no JetStream stream/);
     } finally {
       await app.close();
     }
   });
 
   test("a missing secret is a clear error at startup", () => {
-    const saved = process.env.BETTER_AUTH_WEBHOOK_SECRET;
-    delete process.env.BETTER_AUTH_WEBHOOK_SECRET;
-    try {
+    withoutEnv("BETTER_AUTH_WEBHOOK_SECRET", () => {
       assert.throws(() => syncEngine({}), /BETTER_AUTH_WEBHOOK_SECRET/);
       assert.throws(() => syncEngine({ secret: "not-base64!" }), /invalid webhook secret/);
-    } finally {
-      if (saved !== undefined) process.env.BETTER_AUTH_WEBHOOK_SECRET = saved;
-    }
+    });
   });
 });

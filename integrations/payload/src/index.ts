@@ -1,5 +1,4 @@
 import { randomBytes } from "node:crypto";
-import type { ConnectionOptions } from "nats";
 import type {
   CollectionAfterChangeHook,
   CollectionAfterDeleteHook,
@@ -12,63 +11,35 @@ import type {
 } from "payload";
 import {
   BadDelivery,
-  consoleLogger,
-  createReceiver,
-  MemoryDeliveryLog,
   newEventId,
-  Publisher,
-  resolveSecrets,
+  setUpSync,
   subjectFor,
   toWire,
-  type DeliveryLog,
   type Envelope,
   type EventType,
-  type Logger,
   type PublisherStats,
-} from "./common.js";
+  type SyncOptions,
+} from "@sync-engine/common";
 
-export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats } from "./common.js";
+export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats, type SyncOptions } from "@sync-engine/common";
 
 /** `req.context` key set on the receiver's own writes; the plugin's hooks skip them. */
 export const SYNC_CONTEXT_KEY = "syncEngineDelivery";
 
-export interface PayloadSyncOptions {
+/**
+ * The options: SyncOptions of @sync-engine/common and the ones below. This plugin publishes
+ * "<subjectPrefix>.payload.user.updated.<id>" (match the engine's `nats.payload_subjects`), takes
+ * the secret of the engine's `targets.payload` (default: env PAYLOAD_WEBHOOK_SECRET), and by default
+ * publishes every field of the document except Payload's own `id` and auth internals (`fields`
+ * narrows that; the id field always goes).
+ */
+export interface PayloadSyncOptions extends SyncOptions {
   /** Slug of the users collection. Default "users". */
   collection?: string;
   /** The field holding the Better Auth user id. Default "betterAuthUserId". */
   idField?: string;
-  /** NATS server(s). Default "nats://127.0.0.1:4222". */
-  servers?: string | string[];
-  /** Extra `connect()` options of the `nats` package (credentials, TLS, …). */
-  connectionOptions?: Partial<ConnectionOptions>;
-  /**
-   * Prepended to the subjects: "acme" publishes "acme.payload.user.updated.<id>". Match the
-   * engine's `nats.payload_subjects`. Default "".
-   */
-  subjectPrefix?: string;
-  /**
-   * The webhook secret(s) of the engine's `targets.payload` (whsec_<base64>; several separated by
-   * spaces while rotating). Default: env PAYLOAD_WEBHOOK_SECRET.
-   */
-  secret?: string | string[];
-  /**
-   * Document fields to publish (the id field always is). Default: every field of the document
-   * except Payload's own `id` and auth internals.
-   */
-  fields?: string[];
-  /** Publish the collection's changes. Default true. */
-  publish?: boolean;
-  /** Add the receiver endpoint. Default true. */
-  receive?: boolean;
   /** Path of the receiver endpoint under the API route. Default "/sync/webhook" (POST /api/sync/webhook). */
   endpointPath?: string;
-  /** Create a delivered user that has no document here. Default true. */
-  createMissingUsers?: boolean;
-  /** Where applied `webhook-id`s are remembered. Default: in memory, 48 h, 100 000 ids. */
-  deliveryLog?: DeliveryLog;
-  /** How long to wait for JetStream to store an event (ms). Default 5000. */
-  publishTimeoutMs?: number;
-  logger?: Logger;
 }
 
 /** Auth-collection internals that never leave Payload. */
@@ -108,20 +79,10 @@ export interface SyncEnginePayloadPlugin extends Plugin {
 export function syncEnginePlugin(options: PayloadSyncOptions = {}): SyncEnginePayloadPlugin {
   const slug = options.collection ?? "users";
   const idField = options.idField ?? "betterAuthUserId";
-  const logger = options.logger ?? consoleLogger;
-  const prefix = options.subjectPrefix ?? "";
-  const publishing = options.publish ?? true;
-  const receiving = options.receive ?? true;
-  const createMissing = options.createMissingUsers ?? true;
-  const publisher = new Publisher({
-    servers: options.servers ?? "nats://127.0.0.1:4222",
-    connectionOptions: options.connectionOptions,
-    publishTimeoutMs: options.publishTimeoutMs,
-    logger,
+  const { prefix, publishing, receiving, createMissing, publisher, receiver } = setUpSync(options, {
     name: "sync-engine/payload",
+    secretEnv: "PAYLOAD_WEBHOOK_SECRET",
   });
-  const secrets = receiving ? resolveSecrets(options.secret, "PAYLOAD_WEBHOOK_SECRET") : [];
-  const receiver = createReceiver({ secrets, log: options.deliveryLog ?? new MemoryDeliveryLog(), logger });
 
   function publishedData(doc: Record<string, unknown>): Record<string, unknown> {
     const picked = options.fields

@@ -1,6 +1,5 @@
-// Shared by @sync-engine/better-auth and @sync-engine/payload (kept identical in both packages;
-// a test checks that). The wire contract is PROTOCOL.md: envelopes on NATS JetStream, Standard
-// Webhooks deliveries from the engine.
+// @sync-engine/common: what @sync-engine/better-auth and @sync-engine/payload share. The wire
+// contract is PROTOCOL.md: envelopes on NATS JetStream, Standard Webhooks deliveries from the engine.
 import { randomUUID } from "node:crypto";
 import { connect, type ConnectionOptions, type NatsConnection } from "nats";
 import { Webhook } from "standardwebhooks";
@@ -334,4 +333,68 @@ function parseEnvelope(rawBody: string): Envelope {
     throw new BadDelivery("data is not a JSON object");
   }
   return envelope as Envelope;
+}
+
+/** The options both plugins take (each adds its own, and documents its subjects and secret). */
+export interface SyncOptions {
+  /** NATS server(s). Default "nats://127.0.0.1:4222". */
+  servers?: string | string[];
+  /** Extra `connect()` options of the `nats` package (credentials, TLS, …). */
+  connectionOptions?: Partial<ConnectionOptions>;
+  /** Prepended to the subjects ("acme" publishes "acme.<subject>"). Default "". */
+  subjectPrefix?: string;
+  /** The webhook secret(s) of the engine's target (whsec_<base64>; several separated by spaces while rotating). */
+  secret?: string | string[];
+  /** Fields to publish (the key fields always are). */
+  fields?: string[];
+  /** Publish the app's own user changes. Default true. */
+  publish?: boolean;
+  /** Serve the receiver endpoint. Default true. */
+  receive?: boolean;
+  /** Create a delivered user that does not exist here. Default true. */
+  createMissingUsers?: boolean;
+  /** Where applied `webhook-id`s are remembered. Default: in memory, 48 h, 100 000 ids. */
+  deliveryLog?: DeliveryLog;
+  /** How long to wait for JetStream to store an event (ms). Default 5000. */
+  publishTimeoutMs?: number;
+  logger?: Logger;
+}
+
+/** SyncOptions with their defaults applied, and the publisher and receiver they describe. */
+export interface SyncSetup {
+  logger: Logger;
+  prefix: string;
+  publishing: boolean;
+  receiving: boolean;
+  createMissing: boolean;
+  publisher: Publisher;
+  receiver: Receiver;
+}
+
+/**
+ * Applies the defaults of SyncOptions and builds the publisher (connection `name`) and the
+ * receiver (secret from the option, else env `secretEnv`; required only when receiving).
+ * Throws on a missing or invalid secret.
+ */
+export function setUpSync(options: SyncOptions, plugin: { name: string; secretEnv: string }): SyncSetup {
+  const logger = options.logger ?? consoleLogger;
+  const receiving = options.receive ?? true;
+  const publisher = new Publisher({
+    servers: options.servers ?? "nats://127.0.0.1:4222",
+    connectionOptions: options.connectionOptions,
+    publishTimeoutMs: options.publishTimeoutMs,
+    logger,
+    name: plugin.name,
+  });
+  const secrets = receiving ? resolveSecrets(options.secret, plugin.secretEnv) : [];
+  const receiver = createReceiver({ secrets, log: options.deliveryLog ?? new MemoryDeliveryLog(), logger });
+  return {
+    logger,
+    prefix: options.subjectPrefix ?? "",
+    publishing: options.publish ?? true,
+    receiving,
+    createMissing: options.createMissingUsers ?? true,
+    publisher,
+    receiver,
+  };
 }
