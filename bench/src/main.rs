@@ -67,6 +67,9 @@ struct Cli {
     /// Give up when nothing was delivered for this many seconds.
     #[arg(long, default_value_t = 60)]
     stall_secs: u64,
+    /// Record the engine with `perf record -g` into this file during a drain.
+    #[arg(long)]
+    perf_out: Option<PathBuf>,
     /// Skip the raw limits after a drain.
     #[arg(long)]
     no_limits: bool,
@@ -111,6 +114,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         payload_bytes: cli.payload_bytes,
         stall: Duration::from_secs(cli.stall_secs),
         rss_every: matches!(cli.scenario, Scenario::ManyUsers).then_some(100_000),
+        perf_out: cli.perf_out.clone(),
     };
     eprintln!("engine: {}", options.engine.display());
     let users = |default: usize| cli.users.unwrap_or(default).max(1);

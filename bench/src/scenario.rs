@@ -24,6 +24,8 @@ pub struct Options {
     pub stall: Duration,
     /// Print (and note) the engine's RSS each time this many more events were delivered.
     pub rss_every: Option<usize>,
+    /// Record the engine with `perf record -g` into this file while it drains.
+    pub perf_out: Option<PathBuf>,
 }
 
 /// The raw rates measured beside a drain, in the same run and against the same receiver.
@@ -202,7 +204,26 @@ async fn drain_in(
     let load_before = load_1m();
     eprintln!("{name}: starting the engine (load {load_before:.2})");
     let mut engine = EngineProcess::start(&options.engine, &world.setup).await?;
+    eprintln!("{name}: engine pid {}", engine.pid);
+    let perf = match &options.perf_out {
+        Some(out) => Some(
+            std::process::Command::new("perf")
+                .args(["record", "-g", "-o"])
+                .arg(out)
+                .args(["-p", &engine.pid.to_string()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("spawn perf record")?,
+        ),
+        None => None,
+    };
     wait_delivered(options, &world.tracker, &engine, events, &mut notes).await;
+    if let Some(mut perf) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
     let report = finish(
         name,
         &world.tracker,

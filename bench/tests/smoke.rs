@@ -17,6 +17,7 @@ fn tiny_drain_delivers_everything_once_in_order() -> anyhow::Result<()> {
         payload_bytes: 300,
         stall: Duration::from_secs(20),
         rss_every: None,
+        perf_out: None,
     };
     let workload = Workload::interleaved(200, 5);
     let runtime = tokio::runtime::Builder::new_multi_thread()
