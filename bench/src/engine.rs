@@ -92,19 +92,12 @@ impl EngineProcess {
 
     /// User + system CPU seconds so far (`/proc/<pid>/stat`).
     pub fn cpu_seconds(&self) -> f64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return f64::NAN;
-        };
-        // Fields after the `(comm)`, which may contain spaces: state is field 3, utime 14, stime 15.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            return f64::NAN;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-        match (ticks(11), ticks(12)) {
-            (Some(user), Some(system)) => (user + system) / self.clk_tck,
-            _ => f64::NAN,
-        }
+        crate::stats::process_cpu_secs(&self.pid.to_string(), self.clk_tck)
+    }
+
+    /// Clock ticks per second of `/proc` CPU times.
+    pub fn clk_tck(&self) -> f64 {
+        self.clk_tck
     }
 
     /// A `/proc/<pid>/status` field in MiB (VmRSS, VmHWM).
@@ -178,7 +171,7 @@ impl Drop for EngineProcess {
     }
 }
 
-fn clock_ticks() -> f64 {
+pub fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

@@ -106,16 +106,41 @@ async fn wait_delivered(
     }
 }
 
+/// What was measured when a scenario's measurement began.
+struct Start {
+    engine_cpu: f64,
+    load: f64,
+    /// Busy seconds of the machine and of this process.
+    machine: (f64, f64),
+}
+
+/// Busy seconds of the machine and of this process, to subtract at the end.
+fn machine_now() -> (f64, f64) {
+    let tck = crate::engine::clock_ticks();
+    (
+        crate::stats::machine_busy_secs(tck),
+        crate::stats::process_cpu_secs("self", tck),
+    )
+}
+
 /// Fills in the delivery side of a report from the tracker and the engine.
 async fn finish(
     name: &str,
     tracker: &Tracker,
     engine: &mut EngineProcess,
     events: usize,
-    cpu_before: f64,
-    load_before: f64,
+    start: Start,
     notes: Vec<String>,
 ) -> Report {
+    let Start {
+        engine_cpu: cpu_before,
+        load: load_before,
+        machine: machine_before,
+    } = start;
+    let tck = engine.clk_tck();
+    let others_cpu_secs = (crate::stats::machine_busy_secs(tck) - machine_before.0)
+        - (crate::stats::process_cpu_secs("self", tck) - machine_before.1)
+        - (engine.cpu_seconds() - cpu_before);
     // Deliveries after the last expected one (duplicates, resyncs) would come within moments.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let dead_letters = engine
@@ -164,6 +189,7 @@ async fn finish(
         to_better_auth: tracker.to_better_auth.load(Relaxed),
         load_before,
         load_after: load_1m(),
+        others_cpu_secs,
         notes,
     }
 }
@@ -202,6 +228,7 @@ async fn drain_in(
         events as f64 / publish_secs
     )];
     let load_before = load_1m();
+    let machine_before = machine_now();
     eprintln!("{name}: starting the engine (load {load_before:.2})");
     let mut engine = EngineProcess::start(&options.engine, &world.setup).await?;
     eprintln!("{name}: engine pid {}", engine.pid);
@@ -229,8 +256,11 @@ async fn drain_in(
         &world.tracker,
         &mut engine,
         events,
-        0.0,
-        load_before,
+        Start {
+            engine_cpu: 0.0,
+            load: load_before,
+            machine: machine_before,
+        },
         notes,
     )
     .await;
@@ -271,6 +301,7 @@ pub async fn steady(
     let mut world = World::new(options, &workload).await?;
     let result = async {
         let load_before = load_1m();
+        let machine_before = machine_now();
         let name = format!("steady {rate:.0}/s");
         eprintln!("{name}: {events} events over {seconds} s (load {load_before:.2})");
         let mut engine = EngineProcess::start(&options.engine, &world.setup).await?;
@@ -292,8 +323,11 @@ pub async fn steady(
             &world.tracker,
             &mut engine,
             events,
-            cpu_before,
-            load_before,
+            Start {
+                engine_cpu: cpu_before,
+                load: load_before,
+                machine: machine_before,
+            },
             notes,
         )
         .await)

@@ -40,6 +40,9 @@ pub struct Report {
     /// 1-minute load average before and after the run.
     pub load_before: f64,
     pub load_after: f64,
+    /// CPU seconds used by every other process on the machine (neither the engine nor this
+    /// harness) while the scenario ran: how much of the 2 cores someone else's build took.
+    pub others_cpu_secs: f64,
     pub notes: Vec<String>,
 }
 
@@ -62,12 +65,12 @@ fn ms(value: Option<f64>) -> String {
 /// The reports as a Markdown table, then each report's notes.
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
-    out.push_str("| scenario | events | delivered | s | events/s | p50 ms | p99 ms | max ms | engine CPU s | peak RSS MB | dup | order viol | DLQ | to payload / better-auth | load 1m before→after |\n");
-    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| scenario | events | delivered | s | events/s | p50 ms | p99 ms | max ms | engine CPU s | peak RSS MB | dup | order viol | DLQ | to payload / better-auth | load 1m before→after | others' CPU s |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in reports {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} / {} | {:.2}→{:.2} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} / {} | {:.2}→{:.2} | {:.1} |",
             r.scenario,
             r.events,
             r.delivered,
@@ -85,6 +88,7 @@ pub fn table(reports: &[Report]) -> String {
             r.to_better_auth,
             r.load_before,
             r.load_after,
+            r.others_cpu_secs,
         );
     }
     for r in reports {
@@ -100,6 +104,46 @@ pub fn table(reports: &[Report]) -> String {
         }
     }
     out
+}
+
+/// Busy CPU seconds of the whole machine so far (`/proc/stat`, all but idle and iowait).
+pub fn machine_busy_secs(clk_tck: f64) -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?;
+            let v: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            let busy: f64 = v
+                .iter()
+                .take(8)
+                .enumerate()
+                .filter(|(i, _)| *i != 3 && *i != 4)
+                .map(|(_, x)| x)
+                .sum();
+            Some(busy / clk_tck)
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// User + system CPU seconds of a process from `/proc/<pid>/stat` (`self` for this one).
+pub fn process_cpu_secs(pid: &str, clk_tck: f64) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / clk_tck,
+        _ => f64::NAN,
+    }
 }
 
 /// The 1-minute load average.
