@@ -109,6 +109,7 @@ max_concurrency = {conc}
 [http]
 listen = "{http}"
 [log]
+format = "json"
 level = "{level}"
 "#,
             idle = options.user_idle_timeout,

@@ -157,13 +157,8 @@ async fn finish(
     if !engine.stop() {
         notes.push("engine did not exit 0 on SIGTERM".to_string());
     }
-    let log = engine.log();
-    if !log.trim().is_empty() {
-        let lines = log.lines().count();
-        notes.push(format!(
-            "engine logged {lines} warn/error line(s), first: {}",
-            log.lines().next().unwrap_or("")
-        ));
+    if let Some(summary) = log_summary(&engine.log()) {
+        notes.push(summary);
     }
     Report {
         scenario: name.to_string(),
@@ -192,6 +187,39 @@ async fn finish(
         others_cpu_secs,
         notes,
     }
+}
+
+/// The engine's warn/error log lines (JSON), counted by level, target and message; the top 3.
+fn log_summary(log: &str) -> Option<String> {
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    let mut total = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        total += 1;
+        let key = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => format!(
+                "{} {}: {}",
+                v["level"].as_str().unwrap_or("?"),
+                v["target"].as_str().unwrap_or("?"),
+                v["message"].as_str().unwrap_or("?")
+            ),
+            Err(_) => line.chars().take(160).collect(),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    if total == 0 {
+        return None;
+    }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    let top: Vec<String> = counts
+        .iter()
+        .take(3)
+        .map(|(k, n)| format!("{n}× {k}"))
+        .collect();
+    Some(format!(
+        "engine logged {total} warn/error line(s): {}",
+        top.join("; ")
+    ))
 }
 
 /// Publishes the whole workload, then starts the engine and waits until it delivered all of
@@ -235,7 +263,7 @@ async fn drain_in(
     let perf = match &options.perf_out {
         Some(out) => Some(
             std::process::Command::new("perf")
-                .args(["record", "-g", "-o"])
+                .args(["record", "-g", "-F", "499", "-o"])
                 .arg(out)
                 .args(["-p", &engine.pid.to_string()])
                 .stdout(std::process::Stdio::null())
