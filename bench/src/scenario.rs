@@ -210,7 +210,7 @@ fn log_summary(log: &str) -> Option<String> {
         return None;
     }
     let mut counts: Vec<_> = counts.into_iter().collect();
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     let top: Vec<String> = counts
         .iter()
         .take(3)
