@@ -208,7 +208,6 @@ fn render_body(settings: &PipelineSettings, request: &DeliveryRequest) -> Vec<u8
     )
 }
 
-/// Sorts an answer into §3's classes.
 /// The status class a delivery attempt is counted under.
 pub fn status_class(response: &Result<crate::ports::HttpResponse, TransportError>) -> &'static str {
     match response {
@@ -219,6 +218,7 @@ pub fn status_class(response: &Result<crate::ports::HttpResponse, TransportError
     }
 }
 
+/// Sorts an answer into §3's classes.
 pub fn classify(
     response: Result<crate::ports::HttpResponse, TransportError>,
     now_ms: i64,

@@ -144,7 +144,6 @@ async fn ingest_batch(args: &IngestArgs, batch: Vec<Incoming>) -> Vec<Routed> {
                 let reason = letter.reason.clone();
                 match args.ports.store.dead_letter(letter).await {
                     Ok(()) => {
-                        Stats::add(&args.stats.dead_letters_bad_input);
                         args.stats
                             .dead_letters
                             .add(&[reason.as_str(), args.sink.as_str()]);

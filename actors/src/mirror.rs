@@ -16,12 +16,9 @@ use protocol::{EventType, Origin};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::Value;
 
-use crate::ports::{DeadLetter, EventSource, Incoming, MirrorStore, Ports};
+use crate::ports::{EventSource, Incoming, MirrorStore, Ports};
 use crate::settings::PipelineSettings;
 use crate::stats::Stats;
-
-/// The sink name the mirror's dead letters and metrics carry.
-pub const MIRROR_SINK: &str = "mirror";
 
 /// One change to the mirror table, decided from one Better Auth event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +75,7 @@ impl MirrorChange {
                     .map(str::to_string),
                 name: event
                     .fields
-                    .get("name")
+                    .get(protocol::user::NAME)
                     .and_then(Value::as_str)
                     .map(str::to_string),
                 roles: roles(data),
@@ -239,19 +236,10 @@ async fn apply_one(args: &MirrorArgs, incoming: Incoming) -> Result<(), crate::P
     ) {
         Ok(event) => event,
         Err(bad) => {
-            let letter = DeadLetter {
-                subject: incoming.subject.clone(),
-                raw: incoming.payload.clone(),
-                reason: bad.reason(),
-                event_id: None,
-                sink: Some(MIRROR_SINK.into()),
-                attempts: 0,
-                last_error: None,
-                received_at_ms: args.ports.clock.now_ms(),
-            };
-            let reason = letter.reason.clone();
-            args.ports.store.dead_letter(letter).await?;
-            stats.dead_letters.add(&[reason.as_str(), MIRROR_SINK]);
+            // The same message reaches the Payload sink's ingestion, which stores it as the
+            // dead letter (one per message, so a replay republishes it once).
+            tracing::debug!(message = "Bad event skipped by the mirror.", subject = %incoming.subject, reason = %bad.reason());
+            Stats::add(&stats.acked);
             incoming.ack().await;
             return Ok(());
         }

@@ -2,8 +2,9 @@
 //!
 //! Tree: `PipelineActor` supervises one `DeliveryActor` per enabled target, the
 //! `RouterActor` (which supervises the `UserActor`s), the `DedupActor`, one `IngestActor`
-//! per sink and, when the users mirror is configured, the `MirrorActor`. A failed child is started again with the same arguments and published in its
-//! [`Slot`], so the actors that talk to it reach the new one. Messages the dead child held are
+//! per sink and, when the users mirror is configured, the `MirrorActor`. A failed child is
+//! started again with the same arguments and published in its [`Slot`], so the actors that
+//! talk to it reach the new one. Messages the dead child held are
 //! handed back to the source (see [`crate::ports::Incoming`]), so nothing is lost.
 
 use std::collections::BTreeMap;

@@ -52,14 +52,6 @@ counters! {
     echoes,
     /// Payload events of users not linked to Better Auth.
     skipped_unlinked,
-    /// Bad messages dead-lettered.
-    dead_letters_bad_input,
-    /// Deliveries dead-lettered.
-    dead_letters_delivery,
-    /// Deliveries accepted by Payload.
-    delivered_payload,
-    /// Deliveries accepted by Better Auth.
-    delivered_better_auth,
     /// Delivery attempts that failed and were retried.
     retries,
     /// Messages acknowledged.

@@ -533,10 +533,6 @@ async fn on_delivered(
                 sync.on_delivered(side, &done.send.state, &done.event_ids, at_ms);
             }
             save(state).await?;
-            Stats::add(match side {
-                Origin::Payload => &stats.delivered_payload,
-                Origin::BetterAuth => &stats.delivered_better_auth,
-            });
             tracing::debug!(message = "Delivered.", webhook_id = %done.send.webhook_id, user = %state.args.key, %sink, attempt = done.attempts);
             release(state, &done.waiting, true).await;
             pump(myself, state, side);
@@ -592,7 +588,6 @@ async fn on_delivered(
         sync.on_dead_lettered(side, &failed.send.state, &failed.event_ids);
     }
     save(state).await?;
-    Stats::add(&stats.dead_letters_delivery);
     stats.dead_letters.add(&[
         if permanent {
             "delivery_rejected"

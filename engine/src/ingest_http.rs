@@ -25,7 +25,7 @@ use protocol::user::{Event, Mappings};
 use protocol::Origin;
 use serde_json::json;
 
-use crate::commands::publish::subject_for;
+use crate::commands::publish::{publish, subject_for};
 use crate::config::Config;
 
 /// How long a request waits for JetStream to store its event before answering 503.
@@ -119,17 +119,7 @@ async fn handle(
     }
     let user = event.key.as_ref().map(|k| k.as_str()).unwrap_or_default();
     let subject = subject_for(&state.config, origin, event.envelope.event_type, user);
-    let mut nats_headers = async_nats::HeaderMap::new();
-    nats_headers.insert("Nats-Msg-Id", event.envelope.id.as_str());
-    let stored = async {
-        state
-            .js
-            .publish_with_headers(subject.clone(), nats_headers, body)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
-    };
+    let stored = publish(&state.js, &subject, &event.envelope.id, body);
     match tokio::time::timeout(PUBLISH_TIMEOUT, stored).await {
         Ok(Ok(_)) => (
             "accepted",
@@ -141,7 +131,7 @@ async fn handle(
         ),
         outcome => {
             let error = match outcome {
-                Ok(Err(error)) => error,
+                Ok(Err(error)) => error.to_string(),
                 _ => format!("no acknowledgement within {PUBLISH_TIMEOUT:?}"),
             };
             tracing::warn!(message = "Ingest request not stored: NATS unavailable.", origin = %origin, event_id = %event.envelope.id, %error);

@@ -15,6 +15,8 @@ use crate::envelope::{BadEvent, Envelope, EventType, Origin};
 pub const ID: &str = "id";
 /// The canonical name of the email field, required on Better Auth writes.
 pub const EMAIL: &str = "email";
+/// The canonical name of the display name field.
+pub const NAME: &str = "name";
 
 /// The Better Auth user id: the key of all ordering, deduplication and sync state.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -328,26 +328,7 @@ impl UserDb {
         after: Option<&str>,
         limit: u32,
     ) -> anyhow::Result<Vec<BetterAuthUser>> {
-        let (filter, bind) = key_filter(table, after)?;
-        let sql = page_sql(table, &filter, limit);
-        let users = on_db!(self, pool => {
-            let mut query = sqlx::query(&sql);
-            if let Some(key) = &bind {
-                query = query.bind(key);
-            }
-            query
-                .fetch_all(pool)
-                .await
-                .map(|rows| rows.iter().map(better_auth_user).collect::<Option<Vec<_>>>())
-        })
-        .map_err(|e| anyhow::anyhow!("cannot read table {:?}: {e}", table.name))?;
-        // A row whose key cannot be read would end the paging early, silently.
-        users.ok_or_else(|| {
-            anyhow::anyhow!(
-                "table {:?} has a row whose id is neither text nor an integer",
-                table.name
-            )
-        })
+        self.page(table, after, limit).await
     }
 
     /// Every row of Payload's users table, in key order, read a page at a time.
@@ -355,31 +336,59 @@ impl UserDb {
         let mut users: Vec<PayloadUser> = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let (filter, bind) = key_filter(table, after.as_deref())?;
-            let sql = page_sql(table, &filter, PAGE_ROWS);
-            let page: Vec<PayloadUser> = on_db!(self, pool => {
-                let mut query = sqlx::query(&sql);
-                if let Some(key) = &bind {
-                    query = query.bind(key);
-                }
-                query
-                    .fetch_all(pool)
-                    .await
-                    .map(|rows| rows.iter().map(payload_user).collect::<Option<Vec<_>>>())
-            })
-            .map_err(|e| anyhow::anyhow!("cannot read table {:?}: {e}", table.name))?
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "table {:?} has a row whose id is neither text nor an integer",
-                    table.name
-                )
-            })?;
+            let page: Vec<PayloadUser> = self.page(table, after.as_deref(), PAGE_ROWS).await?;
             match page.last() {
                 Some(last) => after = Some(last.id.clone()),
                 None => return Ok(users),
             }
             users.extend(page);
         }
+    }
+
+    /// Up to `limit` rows with a key after `after`, in key order, read as `T`.
+    async fn page<T: FromUserRow>(
+        &self,
+        table: &CheckedTable,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<T>> {
+        let (filter, bind) = key_filter(table, after)?;
+        let sql = page_sql(table, &filter, limit);
+        let rows = on_db!(self, pool => {
+            let mut query = sqlx::query(&sql);
+            if let Some(key) = &bind {
+                query = query.bind(key);
+            }
+            query
+                .fetch_all(pool)
+                .await
+                .map(|rows| rows.iter().map(T::from_row).collect::<Option<Vec<_>>>())
+        })
+        .map_err(|e| anyhow::anyhow!("cannot read table {:?}: {e}", table.name))?;
+        // A row whose key cannot be read would end the paging early, silently.
+        rows.ok_or_else(|| {
+            anyhow::anyhow!(
+                "table {:?} has a row whose id is neither text nor an integer",
+                table.name
+            )
+        })
+    }
+}
+
+/// A user read from one row of either kind of database.
+trait FromUserRow: Sized {
+    fn from_row(row: &(impl Cell + Row)) -> Option<Self>;
+}
+
+impl FromUserRow for BetterAuthUser {
+    fn from_row(row: &(impl Cell + Row)) -> Option<Self> {
+        better_auth_user(row)
+    }
+}
+
+impl FromUserRow for PayloadUser {
+    fn from_row(row: &(impl Cell + Row)) -> Option<Self> {
+        payload_user(row)
     }
 }
 

@@ -34,7 +34,7 @@ pub fn run(args: &PublishArgs) -> anyhow::Result<ExitCode> {
         canonical.insert(protocol::user::EMAIL.into(), Value::String(email.clone()));
     }
     if let Some(name) = &args.name {
-        canonical.insert("name".into(), Value::String(name.clone()));
+        canonical.insert(protocol::user::NAME.into(), Value::String(name.clone()));
     }
     let data: Map<String, Value> = mapping.from_canonical(&canonical);
     let envelope = Envelope {
@@ -90,7 +90,7 @@ pub async fn publish(
     js: &async_nats::jetstream::Context,
     subject: &str,
     msg_id: &str,
-    body: Vec<u8>,
+    body: impl Into<bytes::Bytes>,
 ) -> anyhow::Result<()> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
