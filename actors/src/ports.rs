@@ -198,11 +198,14 @@ pub trait StateStore: Send + Sync + 'static {
         &'a self,
         key: &'a UserKey,
     ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>>;
-    fn save_user<'a>(
-        &'a self,
-        key: &'a UserKey,
-        state: &'a SyncState,
-    ) -> BoxFuture<'a, Result<(), PortError>>;
+    /// Saves `key`'s state. The save takes its place in line when this is called: saves of
+    /// one user are committed in the order they were called, so a caller may start the next
+    /// before the last one finished. The future resolves once the state is durable.
+    fn save_user(
+        &self,
+        key: &UserKey,
+        state: &SyncState,
+    ) -> BoxFuture<'static, Result<(), PortError>>;
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>>;
 }
 

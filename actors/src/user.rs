@@ -48,6 +48,13 @@ pub enum UserMsg {
         side: Origin,
         token: u64,
     },
+    /// Time to look for attempts past their deadline (one timer per actor, not per attempt).
+    Watchdog,
+    /// The save of the state as of change `generation` finished.
+    Saved {
+        generation: u64,
+        result: Result<(), crate::PortError>,
+    },
     /// Keep held messages alive at the source.
     KeepAlive,
     /// Check whether the actor has been idle for `user_idle_timeout`.
@@ -75,6 +82,8 @@ struct Pending {
     raw: Bytes,
     /// The events whose delivery this is (several when coalesced).
     event_ids: Vec<String>,
+    /// The change of the state that decided it: it is sent once that change is durable.
+    generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +96,8 @@ enum Busy {
 struct Line {
     queue: VecDeque<Pending>,
     busy: Busy,
+    /// When the attempt in flight counts as lost if nothing answered it.
+    deadline: Instant,
 }
 
 impl Line {
@@ -94,9 +105,16 @@ impl Line {
         Line {
             queue: VecDeque::new(),
             busy: Busy::Idle,
+            deadline: Instant::now(),
         }
     }
 }
+
+/// Messages one user actor works on at once; the rest wait in its backlog, unread. A user
+/// with thousands of queued events would otherwise save an ever larger outbox per event
+/// (quadratic), and its deliveries' answers would wait behind every one of them in the
+/// mailbox.
+pub const HELD_MAX: usize = 64;
 
 /// A message this actor holds until its effect is durable.
 struct Held {
@@ -108,6 +126,8 @@ struct Held {
     /// A delivery it waited for was dead-lettered (kept for logs; a replay of the dead letter
     /// is published under a new event id, so this id may count as processed).
     dead_lettered: bool,
+    /// The change of the state that applied it: it is settled once that change is durable.
+    generation: u64,
 }
 
 pub struct UserState {
@@ -117,6 +137,20 @@ pub struct UserState {
     better_auth: Line,
     payload: Line,
     held: BTreeMap<u64, Held>,
+    /// Events received while [`HELD_MAX`] were held, in arrival order.
+    backlog: VecDeque<Routed>,
+    /// The state changed (a delivery was accepted) since it was last saved. Losing that change
+    /// in a crash costs one repeated delivery under the same `webhook-id`, never an event, so
+    /// it is saved with the next change, or when the actor stops.
+    dirty: bool,
+    /// Every applied event is a new change of the state; nothing it decided is sent or settled
+    /// before a save covering it is durable. Saves run one at a time per user, each covering
+    /// every change made so far, so a burst of events costs a few saves, not one each.
+    changes: u64,
+    /// The latest change known durable.
+    durable: u64,
+    /// The change the save in flight covers.
+    saving: Option<u64>,
     next_seq: u64,
     next_token: u64,
     /// Events received, reported to the router when idle.
@@ -124,6 +158,7 @@ pub struct UserState {
     last_activity: Instant,
     idle_armed: bool,
     keepalive_armed: bool,
+    watchdog_armed: bool,
 }
 
 impl UserState {
@@ -135,7 +170,11 @@ impl UserState {
     }
 
     fn is_idle(&self) -> bool {
-        self.held.is_empty() && self.better_auth.queue.is_empty() && self.payload.queue.is_empty()
+        self.held.is_empty()
+            && self.backlog.is_empty()
+            && self.saving.is_none()
+            && self.better_auth.queue.is_empty()
+            && self.payload.queue.is_empty()
     }
 }
 
@@ -160,13 +199,34 @@ impl Actor for UserActor {
             better_auth: Line::new(),
             payload: Line::new(),
             held: BTreeMap::new(),
+            backlog: VecDeque::new(),
+            dirty: false,
+            changes: 0,
+            durable: 0,
+            saving: None,
             next_seq: 0,
             next_token: 0,
             received: 0,
             last_activity: Instant::now(),
             idle_armed: false,
             keepalive_armed: false,
+            watchdog_armed: false,
         })
+    }
+
+    /// A stop (idle, or shutdown) saves what only accepted deliveries changed, so a restart
+    /// does not repeat them.
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<UserMsg>,
+        state: &mut UserState,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.dirty {
+            if let Err(error) = save(state).await {
+                tracing::warn!(message = "Saving a stopping user's state failed; its last deliveries may be repeated.", user = %state.args.key, %error);
+            }
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -180,7 +240,10 @@ impl Actor for UserActor {
         }
         crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "user");
         match message {
-            UserMsg::Event(routed) => on_event(&myself, state, routed).await?,
+            UserMsg::Event(routed) => {
+                state.received += 1;
+                state.backlog.push_back(routed);
+            }
             UserMsg::Delivered {
                 side,
                 token,
@@ -194,19 +257,41 @@ impl Actor for UserActor {
                 }
             }
             UserMsg::AttemptLost { side, token } => {
-                if state.line(side).busy == Busy::InFlight(token) {
-                    let outcome = DeliveryOutcome::Transient {
-                        error: "no answer from the delivery actor".into(),
-                        retry_after: None,
-                    };
-                    on_delivered(&myself, state, side, token, outcome).await?;
+                attempt_lost(&myself, state, side, token).await?;
+            }
+            UserMsg::Saved { generation, result } => {
+                // Failing hands every held message back to the source.
+                result?;
+                state.durable = state.durable.max(generation);
+                if state.saving == Some(generation) {
+                    state.saving = None;
                 }
+                settle_durable(state).await;
+                for side in Origin::ALL {
+                    pump(&myself, state, side);
+                }
+            }
+            UserMsg::Watchdog => {
+                state.watchdog_armed = false;
+                let now = Instant::now();
+                for side in Origin::ALL {
+                    let line = state.line(side);
+                    if let Busy::InFlight(token) = line.busy {
+                        if line.deadline <= now {
+                            attempt_lost(&myself, state, side, token).await?;
+                        }
+                    }
+                }
+                arm_watchdog(&myself, state);
             }
             UserMsg::KeepAlive => {
                 state.keepalive_armed = false;
-                if !state.held.is_empty() {
+                if !state.held.is_empty() || !state.backlog.is_empty() {
                     for held in state.held.values() {
                         held.incoming.progress().await;
+                    }
+                    for routed in &state.backlog {
+                        routed.incoming.progress().await;
                     }
                     arm_keepalive(&myself, state);
                 }
@@ -217,6 +302,9 @@ impl Actor for UserActor {
                     let timeout = state.args.settings.user_idle_timeout;
                     let idle_for = state.last_activity.elapsed();
                     if idle_for >= timeout {
+                        if state.dirty {
+                            save(state).await?;
+                        }
                         // The router stops this actor unless events are on their way to it.
                         state.args.router.cast(RouterMsg::Idle {
                             key: state.args.key.clone(),
@@ -229,6 +317,16 @@ impl Actor for UserActor {
                 }
                 return Ok(());
             }
+        }
+        while state.held.len() < HELD_MAX {
+            let Some(routed) = state.backlog.pop_front() else {
+                break;
+            };
+            on_event(&myself, state, routed).await?;
+        }
+        start_save(&myself, state).await?;
+        if !state.backlog.is_empty() {
+            arm_keepalive(&myself, state);
         }
         if state.is_idle() && !state.idle_armed {
             state.idle_armed = true;
@@ -272,6 +370,8 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> 
                     subject: entry.subject.to_string(),
                     raw: Bytes::copy_from_slice(entry.raw.as_bytes()),
                     event_ids: vec![entry.event_id],
+                    // Loaded, hence durable.
+                    generation: 0,
                 }),
             }
         }
@@ -284,7 +384,6 @@ async fn on_event(
     state: &mut UserState,
     routed: Routed,
 ) -> Result<(), ActorProcessingErr> {
-    state.received += 1;
     let Routed {
         sink,
         event,
@@ -357,8 +456,9 @@ async fn on_event(
         Verdict::Merged(_) if sends.is_empty() => Stats::add(&stats.no_ops),
         Verdict::Merged(_) => {}
     }
-    // Durable before anything is sent or acknowledged.
-    save(state).await?;
+    // Nothing it decided is sent or acknowledged before this change is durable.
+    state.changes += 1;
+    let generation = state.changes;
 
     let event_id = envelope.id.clone();
     let subject = incoming.subject.clone();
@@ -371,6 +471,7 @@ async fn on_event(
             event_id: event_id.clone(),
             waiting_on: 0,
             dead_lettered: false,
+            generation,
         },
     );
     for send in sends {
@@ -384,6 +485,7 @@ async fn on_event(
                 tail.send = send;
                 tail.waiting.push(seq);
                 tail.event_ids.push(event_id.clone());
+                tail.generation = generation;
             }
             _ => line.queue.push_back(Pending {
                 send,
@@ -392,6 +494,7 @@ async fn on_event(
                 subject: subject.clone(),
                 raw: raw.clone(),
                 event_ids: vec![event_id.clone()],
+                generation,
             }),
         }
         if let Some(held) = state.held.get_mut(&seq) {
@@ -418,9 +521,6 @@ async fn on_event(
             held.waiting_on += n_attached;
         }
     }
-    if state.held.get(&seq).is_some_and(|h| h.waiting_on == 0) {
-        finalize(state, seq).await;
-    }
     for side in Origin::ALL {
         pump(myself, state, side);
     }
@@ -428,8 +528,9 @@ async fn on_event(
     Ok(())
 }
 
-/// Makes the user's state durable; an error fails the actor, which hands its messages back.
-async fn save(state: &UserState) -> Result<(), ActorProcessingErr> {
+/// Makes the user's state durable and waits for it; an error fails the actor, which hands its
+/// messages back.
+async fn save(state: &mut UserState) -> Result<(), ActorProcessingErr> {
     if let Some(sync) = &state.sync {
         state
             .args
@@ -438,7 +539,94 @@ async fn save(state: &UserState) -> Result<(), ActorProcessingErr> {
             .save_user(&state.args.key, sync)
             .await?;
     }
+    state.dirty = false;
+    state.durable = state.changes;
     Ok(())
+}
+
+/// Starts saving every change not yet durable, unless a save is in flight (the next one
+/// starts when it is done, covering everything changed meanwhile). A change that gates
+/// nothing (an accepted delivery) waits for the next event's save, or for the actor to stop.
+/// The answer comes back as [`UserMsg::Saved`].
+async fn start_save(
+    myself: &ActorRef<UserMsg>,
+    state: &mut UserState,
+) -> Result<(), ActorProcessingErr> {
+    if state.saving.is_some() || state.changes <= state.durable {
+        return Ok(());
+    }
+    let Some(sync) = &state.sync else {
+        return Ok(());
+    };
+    let generation = state.changes;
+    let mut saved = state.args.ports.store.save_user(&state.args.key, sync);
+    state.dirty = false;
+    // A store that commits at once (the simulator's) needs no round trip through the mailbox.
+    if let Some(result) = futures::FutureExt::now_or_never(&mut saved) {
+        result?;
+        state.durable = generation;
+        settle_durable(state).await;
+        for side in Origin::ALL {
+            pump(myself, state, side);
+        }
+        return Ok(());
+    }
+    state.saving = Some(generation);
+    let myself = myself.clone();
+    tokio::spawn(async move {
+        let result = saved.await;
+        let _ = myself.cast(UserMsg::Saved { generation, result });
+    });
+    Ok(())
+}
+
+/// Settles the held messages whose deliveries are all settled and whose change is durable.
+async fn settle_durable(state: &mut UserState) {
+    let ready: Vec<u64> = state
+        .held
+        .iter()
+        .filter(|(_, held)| held.waiting_on == 0 && held.generation <= state.durable)
+        .map(|(seq, _)| *seq)
+        .collect();
+    for seq in ready {
+        finalize(state, seq).await;
+    }
+}
+
+/// An attempt got no answer (its delivery actor died): a transient failure.
+async fn attempt_lost(
+    myself: &ActorRef<UserMsg>,
+    state: &mut UserState,
+    side: Origin,
+    token: u64,
+) -> Result<(), ActorProcessingErr> {
+    if state.line(side).busy == Busy::InFlight(token) {
+        let outcome = DeliveryOutcome::Transient {
+            error: "no answer from the delivery actor".into(),
+            retry_after: None,
+        };
+        on_delivered(myself, state, side, token, outcome).await?;
+    }
+    Ok(())
+}
+
+/// Arms the one timer that finds attempts past their deadline, if any attempt is in flight.
+fn arm_watchdog(myself: &ActorRef<UserMsg>, state: &mut UserState) {
+    if state.watchdog_armed {
+        return;
+    }
+    let earliest = Origin::ALL
+        .into_iter()
+        .filter_map(|side| {
+            let line = state.line(side);
+            matches!(line.busy, Busy::InFlight(_)).then_some(line.deadline)
+        })
+        .min();
+    if let Some(deadline) = earliest {
+        state.watchdog_armed = true;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        myself.send_after(wait, || UserMsg::Watchdog);
+    }
 }
 
 /// Sends the head of a line if nothing of it is in flight or backing off.
@@ -456,10 +644,15 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
         .map(|t| t.timeout)
         .unwrap_or(Duration::from_secs(10));
     let unordered = state.args.settings.faults.unordered_delivery;
+    let durable = state.durable;
     let line = state.line(side);
     if unordered && line.busy != Busy::Idle {
         // The broken variant: send the next one regardless (see `EngineFaults`).
-        if let Some(next) = line.queue.iter_mut().find(|p| p.attempts == 0) {
+        if let Some(next) = line
+            .queue
+            .iter_mut()
+            .find(|p| p.attempts == 0 && p.generation <= durable)
+        {
             next.attempts = 1;
             let request = DeliveryRequest {
                 key,
@@ -482,6 +675,9 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
     let Some(head) = line.queue.front_mut() else {
         return;
     };
+    if head.generation > durable {
+        return;
+    }
     head.attempts += 1;
     let request = DeliveryRequest {
         key,
@@ -495,16 +691,15 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
         reply: myself.clone(),
     };
     line.busy = Busy::InFlight(token);
+    // Generous: the transport's own timeout normally answers first.
+    line.deadline = Instant::now() + timeout * 2 + Duration::from_secs(5);
     state.next_token += 1;
     if !slot.cast(DeliveryMsg::Deliver(request)) {
         // No delivery actor right now (restarting): count it as a failed attempt.
         let _ = myself.cast(UserMsg::AttemptLost { side, token });
         return;
     }
-    // Generous: the transport's own timeout normally answers first.
-    myself.send_after(timeout * 2 + Duration::from_secs(5), move || {
-        UserMsg::AttemptLost { side, token }
-    });
+    arm_watchdog(myself, state);
 }
 
 async fn on_delivered(
@@ -532,7 +727,7 @@ async fn on_delivered(
             if let Some(sync) = state.sync.as_mut() {
                 sync.on_delivered(side, &done.send.state, &done.event_ids, at_ms);
             }
-            save(state).await?;
+            state.dirty = true;
             tracing::debug!(message = "Delivered.", webhook_id = %done.send.webhook_id, user = %state.args.key, %sink, attempt = done.attempts);
             release(state, &done.waiting, true).await;
             pump(myself, state, side);
@@ -604,18 +799,12 @@ async fn on_delivered(
 /// One delivery the held messages waited for is settled: `accepted`, or dead-lettered.
 async fn release(state: &mut UserState, waiting: &[u64], accepted: bool) {
     for seq in waiting {
-        let done = match state.held.get_mut(seq) {
-            Some(held) => {
-                held.dead_lettered |= !accepted;
-                held.waiting_on = held.waiting_on.saturating_sub(1);
-                held.waiting_on == 0
-            }
-            None => false,
-        };
-        if done {
-            finalize(state, *seq).await;
+        if let Some(held) = state.held.get_mut(seq) {
+            held.dead_lettered |= !accepted;
+            held.waiting_on = held.waiting_on.saturating_sub(1);
         }
     }
+    settle_durable(state).await;
 }
 
 /// Marks the message's id for its sink, then acknowledges it.
@@ -642,7 +831,7 @@ async fn finalize(state: &mut UserState, seq: u64) {
 const MARK_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 fn arm_keepalive(myself: &ActorRef<UserMsg>, state: &mut UserState) {
-    if !state.held.is_empty() && !state.keepalive_armed {
+    if (!state.held.is_empty() || !state.backlog.is_empty()) && !state.keepalive_armed {
         state.keepalive_armed = true;
         myself.send_after(state.args.settings.progress_interval(), || {
             UserMsg::KeepAlive

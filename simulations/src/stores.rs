@@ -153,11 +153,11 @@ impl StateStore for MemStore {
         Box::pin(async move { result })
     }
 
-    fn save_user<'a>(
-        &'a self,
-        key: &'a UserKey,
-        state: &'a SyncState,
-    ) -> BoxFuture<'a, Result<(), PortError>> {
+    fn save_user(
+        &self,
+        key: &UserKey,
+        state: &SyncState,
+    ) -> BoxFuture<'static, Result<(), PortError>> {
         let result = if self.flaky.fails() {
             Err(PortError::unavailable("store", "injected error"))
         } else {

@@ -48,10 +48,12 @@ impl HttpTransport for ReqwestTransport {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after);
+            // Read to the end even when unused: a connection whose answer was left unread
+            // cannot go back to the pool.
+            let bytes = response.bytes().await.unwrap_or_default();
             let body_prefix = if (200..300).contains(&status) {
                 String::new()
             } else {
-                let bytes = response.bytes().await.unwrap_or_default();
                 let cut = &bytes[..bytes.len().min(ERROR_BODY_BYTES_MAX)];
                 String::from_utf8_lossy(cut).into_owned()
             };

@@ -7,5 +7,6 @@ pub mod dedup_redis;
 pub mod http;
 pub mod mirror_pg;
 pub mod nats;
+pub mod state_writer;
 pub mod store;
 pub mod user_tables;

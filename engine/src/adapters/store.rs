@@ -10,28 +10,27 @@ use actors::sync::SyncState;
 use actors::PortError;
 use bytes::Bytes;
 use protocol::UserKey;
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::clock::now_ms;
+use super::state_writer::{StateWriter, Target};
 
 /// Runs the same code on whichever pool the store has: the SQL is written once, with `$N`
 /// placeholders, which SQLite and PostgreSQL both accept.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
-        match $store {
-            SqlStore::Sqlite($pool) => $body,
-            SqlStore::Postgres($pool) => $body,
+        match &$store.db {
+            Target::Sqlite($pool) => $body,
+            Target::Postgres($pool) => $body,
         }
     };
 }
 
 #[derive(Debug, Clone)]
-pub enum SqlStore {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
+pub struct SqlStore {
+    db: Target,
+    /// Per-user states are written through it, many users per transaction.
+    writer: StateWriter,
 }
 
 /// A stored dead letter.
@@ -72,16 +71,37 @@ impl SqlStore {
                     })?;
                 }
             }
+            // A local file does not go stale: no test query before each use. One writer
+            // connection (the state writer's, or a dead letter's) at a time is all SQLite
+            // allows anyway; the others serve reads.
             let pool = SqlitePoolOptions::new()
                 .max_connections(4)
-                .connect_with(options)
+                .test_before_acquire(false)
+                .connect_with(options.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the SQLite store: {e}"))?;
             sqlx::migrate!("migrations/sqlite")
                 .run(&pool)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot migrate the SQLite store: {e}"))?;
-            Ok(SqlStore::Sqlite(pool))
+            // The state writer's own connection: SQLite has one writer at a time anyway. A
+            // larger page cache keeps the pages of the users being synced in memory instead
+            // of reading them back for every upsert; a statement journal in memory spares
+            // a temporary file per multi-row upsert.
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .test_before_acquire(false)
+                .connect_with(
+                    options
+                        .pragma("cache_size", "-32768")
+                        .pragma("temp_store", "memory"),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the SQLite store: {e}"))?;
+            Ok(SqlStore::new(
+                Target::Sqlite(pool),
+                StateWriter::start(Target::Sqlite(writer)),
+            ))
         } else {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -93,8 +113,13 @@ impl SqlStore {
                 .run(&pool)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL store: {e}"))?;
-            Ok(SqlStore::Postgres(pool))
+            let writer = StateWriter::start(Target::Postgres(pool.clone()));
+            Ok(SqlStore::new(Target::Postgres(pool), writer))
         }
+    }
+
+    fn new(db: Target, writer: StateWriter) -> SqlStore {
+        SqlStore { db, writer }
     }
 
     pub async fn ping(&self) -> bool {
@@ -114,21 +139,23 @@ impl SqlStore {
         }
     }
 
-    pub async fn save(&self, key: &UserKey, state: &SyncState) -> Result<(), sqlx::Error> {
-        const SQL: &str = "INSERT INTO user_state (user_key, state, updated_at) VALUES ($1, $2, $3) \
-                           ON CONFLICT (user_key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at";
-        let text = serde_json::to_string(state).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let now = now_ms();
-        on_pool!(self, pool => {
-            sqlx::query(SQL)
-                .bind(key.as_str())
-                .bind(&text)
-                .bind(now)
-                .execute(pool)
-                .await
-                .map(|_| ())?
-        });
-        Ok(())
+    /// Queues the state for the writer now; the future resolves once it is committed
+    /// (together with other users' saves).
+    pub fn save(
+        &self,
+        key: &UserKey,
+        state: &SyncState,
+    ) -> impl std::future::Future<Output = Result<(), PortError>> + Send + 'static {
+        let queued = serde_json::to_string(state)
+            .map_err(|e| format!("cannot encode state: {e}"))
+            .map(|text| self.writer.save(key.as_str(), text));
+        async move {
+            match queued {
+                Ok(committed) => committed.await,
+                Err(error) => Err(error),
+            }
+            .map_err(|e| PortError::unavailable("store", e))
+        }
     }
 
     pub async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, sqlx::Error> {
@@ -181,12 +208,12 @@ impl StateStore for SqlStore {
         Box::pin(async move { self.load(key).await.map_err(port_error) })
     }
 
-    fn save_user<'a>(
-        &'a self,
-        key: &'a UserKey,
-        state: &'a SyncState,
-    ) -> BoxFuture<'a, Result<(), PortError>> {
-        Box::pin(async move { self.save(key, state).await.map_err(port_error) })
+    fn save_user(
+        &self,
+        key: &UserKey,
+        state: &SyncState,
+    ) -> BoxFuture<'static, Result<(), PortError>> {
+        Box::pin(self.save(key, state))
     }
 
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>> {

@@ -1,0 +1,129 @@
+//! Group commit for per-user state: one writer task per store turns every save waiting at a
+//! moment into one transaction.
+//!
+//! Each user actor still waits until its own save is durable before it sends or acknowledges
+//! anything; what changes is that thousands of users waiting together pay for one commit,
+//! one statement round trip and one WAL append instead of one each. Saves of one user reach the
+//! writer in the order they were made (one channel, one task), and within a batch only a
+//! user's latest state is written: the earlier ones are superseded by it in the same
+//! transaction, so no reader can tell the difference.
+
+use std::collections::HashMap;
+
+use sqlx::{PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use super::clock::now_ms;
+
+/// Rows written by one statement at most: 3 parameters each, far below both databases'
+/// parameter limits (SQLite 32,766; PostgreSQL 65,535).
+const ROWS_PER_STATEMENT: usize = 500;
+/// Saves gathered into one transaction at most, so a huge backlog still commits regularly.
+const SAVES_PER_TRANSACTION: usize = 4_000;
+
+/// One user's serialized state, and who waits for it to be durable.
+struct Save {
+    key: String,
+    text: String,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The handle user actors save through; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateWriter {
+    /// Unbounded so that a save takes its place in line synchronously; each user actor has
+    /// at most one save waiting (and `engine.max_in_flight` bounds the users), so it stays
+    /// small.
+    queue: mpsc::UnboundedSender<Save>,
+}
+
+impl StateWriter {
+    /// Starts the writer task; it ends when the last handle is dropped.
+    pub fn start(target: Target) -> StateWriter {
+        let (queue, saves) = mpsc::unbounded_channel();
+        tokio::spawn(run(target, saves));
+        StateWriter { queue }
+    }
+
+    /// Queues `text` as `key`'s state, behind every save queued before; the future resolves
+    /// once it is committed.
+    pub fn save(
+        &self,
+        key: &str,
+        text: String,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let (done, committed) = oneshot::channel();
+        let save = Save {
+            key: key.to_string(),
+            text,
+            done,
+        };
+        let queued = self.queue.send(save).is_ok();
+        async move {
+            if !queued {
+                return Err("the state writer stopped".into());
+            }
+            committed
+                .await
+                .unwrap_or_else(|_| Err("the state writer stopped before committing".into()))
+        }
+    }
+}
+
+async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>) {
+    let mut batch = Vec::new();
+    while saves.recv_many(&mut batch, SAVES_PER_TRANSACTION).await > 0 {
+        let result = write(&target, &batch).await.map_err(|e| e.to_string());
+        if let Err(error) = &result {
+            tracing::warn!(message = "Saving user states failed.", saves = batch.len(), %error);
+        }
+        for save in batch.drain(..) {
+            let _ = save.done.send(result.clone());
+        }
+    }
+}
+
+/// The latest state of each user in `batch`, in one transaction.
+async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
+    let mut latest: HashMap<&str, &str> = HashMap::with_capacity(batch.len());
+    for save in batch {
+        latest.insert(&save.key, &save.text);
+    }
+    let rows: Vec<(&str, &str)> = latest.into_iter().collect();
+    let now = now_ms();
+    const INSERT: &str = "INSERT INTO user_state (user_key, state, updated_at) ";
+    const UPSERT: &str = " ON CONFLICT (user_key) DO UPDATE \
+                          SET state = excluded.state, updated_at = excluded.updated_at";
+    match target {
+        Target::Sqlite(pool) => {
+            let mut tx = pool.begin().await?;
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::<Sqlite>::new(INSERT);
+                query.push_values(chunk, |mut row, (key, text)| {
+                    row.push_bind(*key).push_bind(*text).push_bind(now);
+                });
+                query.push(UPSERT);
+                query.build().persistent(false).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+        Target::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::<Postgres>::new(INSERT);
+                query.push_values(chunk, |mut row, (key, text)| {
+                    row.push_bind(*key).push_bind(*text).push_bind(now);
+                });
+                query.push(UPSERT);
+                query.build().persistent(false).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+    }
+}
