@@ -159,6 +159,32 @@ pub struct UserState {
     idle_armed: bool,
     keepalive_armed: bool,
     watchdog_armed: bool,
+    timers: Timers,
+}
+
+/// The actor's pending timers. Each holds a reference to the actor, and with it the actor's
+/// mailbox: they are cancelled when the actor goes, or stopped actors would stay allocated
+/// until their last timer fired (a watchdog fires 25 s after the last attempt).
+#[derive(Default)]
+struct Timers(Vec<ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<UserMsg>>>>);
+
+impl Drop for Timers {
+    fn drop(&mut self) {
+        for timer in &self.0 {
+            timer.abort();
+        }
+    }
+}
+
+/// Sends `message` to the actor after `delay`.
+fn after(
+    myself: &ActorRef<UserMsg>,
+    state: &mut UserState,
+    delay: Duration,
+    message: impl FnOnce() -> UserMsg + std::marker::Send + 'static,
+) {
+    state.timers.0.retain(|timer| !timer.is_finished());
+    state.timers.0.push(myself.send_after(delay, message));
 }
 
 impl UserState {
@@ -211,6 +237,7 @@ impl Actor for UserActor {
             idle_armed: false,
             keepalive_armed: false,
             watchdog_armed: false,
+            timers: Timers::default(),
         })
     }
 
@@ -312,7 +339,7 @@ impl Actor for UserActor {
                         });
                     } else {
                         state.idle_armed = true;
-                        myself.send_after(timeout - idle_for, || UserMsg::IdleCheck);
+                        after(&myself, state, timeout - idle_for, || UserMsg::IdleCheck);
                     }
                 }
                 return Ok(());
@@ -331,7 +358,7 @@ impl Actor for UserActor {
         if state.is_idle() && !state.idle_armed {
             state.idle_armed = true;
             let timeout = state.args.settings.user_idle_timeout;
-            myself.send_after(timeout, || UserMsg::IdleCheck);
+            after(&myself, state, timeout, || UserMsg::IdleCheck);
         }
         Ok(())
     }
@@ -625,7 +652,7 @@ fn arm_watchdog(myself: &ActorRef<UserMsg>, state: &mut UserState) {
     if let Some(deadline) = earliest {
         state.watchdog_armed = true;
         let wait = deadline.saturating_duration_since(Instant::now());
-        myself.send_after(wait, || UserMsg::Watchdog);
+        after(myself, state, wait, || UserMsg::Watchdog);
     }
 }
 
@@ -752,7 +779,10 @@ async fn on_delivered(
             .delay(attempts, state.args.ports.entropy.unit(), retry_after);
         tracing::warn!(message = "Delivery failed; retrying.", webhook_id = %head_id, user = %state.args.key, %sink, attempt = attempts, retry_in_ms = delay.as_millis() as u64, %error);
         state.line(side).busy = Busy::Backoff(token);
-        myself.send_after(delay, move || UserMsg::RetryDue { side, token });
+        after(myself, state, delay, move || UserMsg::RetryDue {
+            side,
+            token,
+        });
         for held in state.held.values() {
             held.incoming.progress().await;
         }
@@ -833,8 +863,7 @@ const MARK_RETRY_DELAY: Duration = Duration::from_secs(1);
 fn arm_keepalive(myself: &ActorRef<UserMsg>, state: &mut UserState) {
     if (!state.held.is_empty() || !state.backlog.is_empty()) && !state.keepalive_armed {
         state.keepalive_armed = true;
-        myself.send_after(state.args.settings.progress_interval(), || {
-            UserMsg::KeepAlive
-        });
+        let interval = state.args.settings.progress_interval();
+        after(myself, state, interval, || UserMsg::KeepAlive);
     }
 }
