@@ -39,3 +39,30 @@ fn tiny_drain_delivers_everything_once_in_order() -> anyhow::Result<()> {
     assert_eq!(report.to_payload, 500, "{report:?}");
     Ok(())
 }
+
+/// One user with far more events than a user actor works on at once (its backlog): all
+/// delivered, once each, in order.
+#[test]
+fn one_hot_user_delivers_everything_once_in_order() -> anyhow::Result<()> {
+    let options = Options {
+        engine: PathBuf::from(env!("CARGO_BIN_EXE_sync-engine-bench-engine")),
+        config: ConfigOptions::default(),
+        payload_bytes: 300,
+        stall: Duration::from_secs(20),
+        rss_every: None,
+        perf_out: None,
+    };
+    let workload = Workload::interleaved(1, 500);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (report, _) = runtime.block_on(drain(&options, "smoke-hot", &workload, false))?;
+    println!("{}", bench::stats::table(std::slice::from_ref(&report)));
+    assert_eq!(report.delivered, 500, "every event delivered: {report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.dead_letters, 0, "{report:?}");
+    assert_eq!(report.unexpected, 0, "{report:?}");
+    assert_eq!(report.bad_signatures, 0, "{report:?}");
+    Ok(())
+}

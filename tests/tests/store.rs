@@ -152,3 +152,38 @@ async fn state_survives_across_connections() {
         Some(sample_state())
     );
 }
+
+/// Saves started one after the other without waiting are committed in that order (the last
+/// one wins), however the writer groups them into transactions, on both stores.
+async fn saves_keep_their_order(store: SqlStore) {
+    let keys: Vec<UserKey> = (0..50).map(|i| UserKey::new(format!("u{i}"))).collect();
+    let mut pending = Vec::new();
+    for version in 1..=20i64 {
+        for key in &keys {
+            let mut state = sample_state();
+            state.sent_ts_ms = version;
+            pending.push(store.save_user(key, &state));
+        }
+    }
+    for saved in pending {
+        saved.await.expect("save");
+    }
+    for key in &keys {
+        let loaded = store.load_user(key).await.expect("load").expect("saved");
+        assert_eq!(loaded.sent_ts_ms, 20, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_saves_keep_their_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/sync.db", dir.path().display());
+    saves_keep_their_order(SqlStore::connect(&url).await.expect("open")).await;
+}
+
+#[tokio::test]
+async fn postgres_saves_keep_their_order() {
+    let (name, url) = fresh_postgres().await;
+    saves_keep_their_order(SqlStore::connect(&url).await.expect("open postgres")).await;
+    drop_postgres(&name).await;
+}
