@@ -76,10 +76,28 @@ impl StateWriter {
     }
 }
 
+/// How often the SQLite writer checkpoints the WAL itself, between two transactions.
+const OWN_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>) {
     let mut batch = Vec::new();
+    let mut checkpointed = tokio::time::Instant::now();
     while saves.recv_many(&mut batch, SAVES_PER_TRANSACTION).await > 0 {
         let result = write(&target, &batch).await.map_err(|e| e.to_string());
+        if let Target::Sqlite(pool) = &target {
+            // Other connections copy the WAL back meanwhile, but only a checkpoint with no
+            // write going on can finish it, so that the next transaction starts the WAL
+            // over instead of growing it; most pages are copied already, so it is short.
+            if checkpointed.elapsed() >= OWN_CHECKPOINT_EVERY {
+                checkpointed = tokio::time::Instant::now();
+                if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(pool)
+                    .await
+                {
+                    tracing::debug!(message = "WAL checkpoint failed.", %error);
+                }
+            }
+        }
         if let Err(error) = &result {
             tracing::warn!(message = "Saving user states failed.", saves = batch.len(), %error);
         }

@@ -87,17 +87,24 @@ impl SqlStore {
             // The state writer's own connection: SQLite has one writer at a time anyway. A
             // larger page cache keeps the pages of the users being synced in memory instead
             // of reading them back for every upsert; a statement journal in memory spares
-            // a temporary file per multi-row upsert.
+            // a temporary file per multi-row upsert. It does not checkpoint the WAL after
+            // every few MiB: a checkpoint (with its fsync) in the committing connection stalls
+            // every user waiting for the next commit. Another connection copies the WAL back
+            // meanwhile, and the writer finishes the job once a second (`state_writer.rs`).
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
                 .test_before_acquire(false)
                 .connect_with(
                     options
                         .pragma("cache_size", "-32768")
-                        .pragma("temp_store", "memory"),
+                        .pragma("temp_store", "memory")
+                        .pragma("wal_autocheckpoint", "0")
+                        // After a burst, the WAL file shrinks back to this once restarted.
+                        .pragma("journal_size_limit", "67108864"),
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the SQLite store: {e}"))?;
+            tokio::spawn(checkpoint_wal(pool.clone()));
             Ok(SqlStore::new(
                 Target::Sqlite(pool),
                 StateWriter::start(Target::Sqlite(writer)),
@@ -193,6 +200,25 @@ impl SqlStore {
         let done =
             on_pool!(self, pool => sqlx::query(SQL).bind(id).execute(pool).await?.rows_affected());
         Ok(done)
+    }
+}
+
+/// How often the WAL is copied back into the database file (the state writer does not).
+const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the SQLite WAL beside the state writer, until the store is closed. `PASSIVE`
+/// never waits for the writer or for readers, so commits go on meanwhile.
+async fn checkpoint_wal(pool: sqlx::SqlitePool) {
+    let mut ticks = tokio::time::interval(WAL_CHECKPOINT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !pool.is_closed() {
+        ticks.tick().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(message = "WAL checkpoint failed; retrying.", %error);
+        }
     }
 }
 
