@@ -9,6 +9,9 @@
 //! transaction, so no reader can tell the difference.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
@@ -30,8 +33,23 @@ struct Save {
 
 #[derive(Debug, Clone)]
 pub enum Target {
-    Sqlite(SqlitePool),
+    /// The writer's connection, and the WAL's length as last seen by the checkpointer.
+    Sqlite(SqlitePool, WalSize),
     Postgres(PgPool),
+}
+
+/// The SQLite WAL's length in frames, as the background checkpointer last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct WalSize(Arc<AtomicI64>);
+
+impl WalSize {
+    pub fn set(&self, frames: i64) {
+        self.0.store(frames, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// The handle user actors save through; cheap to clone.
@@ -76,20 +94,26 @@ impl StateWriter {
     }
 }
 
-/// How often the SQLite writer checkpoints the WAL itself, between two transactions.
-const OWN_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The writer finishes a checkpoint itself (between two transactions, so that the WAL starts
+/// over) once the WAL is this long (64 MiB of 4 KiB pages), or this long after the last one.
+/// Its fsync stalls every save waiting for the next commit: rarely at low rates, where the
+/// WAL grows slowly, and about once a second under a backlog, where it grows fast.
+const OWN_CHECKPOINT_FRAMES: i64 = 16_384;
+const OWN_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
 async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>) {
     let mut batch = Vec::new();
     let mut checkpointed = tokio::time::Instant::now();
     while saves.recv_many(&mut batch, SAVES_PER_TRANSACTION).await > 0 {
         let result = write(&target, &batch).await.map_err(|e| e.to_string());
-        if let Target::Sqlite(pool) = &target {
+        if let Target::Sqlite(pool, wal) = &target {
             // Other connections copy the WAL back meanwhile, but only a checkpoint with no
             // write going on can finish it, so that the next transaction starts the WAL
             // over instead of growing it; most pages are copied already, so it is short.
-            if checkpointed.elapsed() >= OWN_CHECKPOINT_EVERY {
+            if wal.get() >= OWN_CHECKPOINT_FRAMES || checkpointed.elapsed() >= OWN_CHECKPOINT_EVERY
+            {
                 checkpointed = tokio::time::Instant::now();
+                wal.set(0);
                 if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                     .execute(pool)
                     .await
@@ -119,7 +143,7 @@ async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
     const UPSERT: &str = " ON CONFLICT (user_key) DO UPDATE \
                           SET state = excluded.state, updated_at = excluded.updated_at";
     match target {
-        Target::Sqlite(pool) => {
+        Target::Sqlite(pool, _) => {
             let mut tx = pool.begin().await?;
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::<Sqlite>::new(INSERT);

@@ -10,25 +10,34 @@ use actors::sync::SyncState;
 use actors::PortError;
 use bytes::Bytes;
 use protocol::UserKey;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
-use super::state_writer::{StateWriter, Target};
+use super::state_writer::{StateWriter, Target, WalSize};
 
 /// Runs the same code on whichever pool the store has: the SQL is written once, with `$N`
 /// placeholders, which SQLite and PostgreSQL both accept.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match &$store.db {
-            Target::Sqlite($pool) => $body,
-            Target::Postgres($pool) => $body,
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
         }
     };
 }
 
+/// Where reads and dead letters go.
+#[derive(Debug, Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
 #[derive(Debug, Clone)]
 pub struct SqlStore {
-    db: Target,
+    db: Db,
     /// Per-user states are written through it, many users per transaction.
     writer: StateWriter,
 }
@@ -104,10 +113,11 @@ impl SqlStore {
                 )
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot open the SQLite store: {e}"))?;
-            tokio::spawn(checkpoint_wal(pool.clone()));
+            let wal = WalSize::default();
+            tokio::spawn(checkpoint_wal(pool.clone(), wal.clone()));
             Ok(SqlStore::new(
-                Target::Sqlite(pool),
-                StateWriter::start(Target::Sqlite(writer)),
+                Db::Sqlite(pool),
+                StateWriter::start(Target::Sqlite(writer, wal)),
             ))
         } else {
             let pool = PgPoolOptions::new()
@@ -121,11 +131,11 @@ impl SqlStore {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL store: {e}"))?;
             let writer = StateWriter::start(Target::Postgres(pool.clone()));
-            Ok(SqlStore::new(Target::Postgres(pool), writer))
+            Ok(SqlStore::new(Db::Postgres(pool), writer))
         }
     }
 
-    fn new(db: Target, writer: StateWriter) -> SqlStore {
+    fn new(db: Db, writer: StateWriter) -> SqlStore {
         SqlStore { db, writer }
     }
 
@@ -206,18 +216,20 @@ impl SqlStore {
 /// How often the WAL is copied back into the database file (the state writer does not).
 const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-/// Checkpoints the SQLite WAL beside the state writer, until the store is closed. `PASSIVE`
-/// never waits for the writer or for readers, so commits go on meanwhile.
-async fn checkpoint_wal(pool: sqlx::SqlitePool) {
+/// Checkpoints the SQLite WAL beside the state writer, until the store is closed, and tells
+/// the writer how long the WAL has grown. `PASSIVE` never waits for the writer or for
+/// readers, so commits go on meanwhile.
+async fn checkpoint_wal(pool: sqlx::SqlitePool, wal: WalSize) {
     let mut ticks = tokio::time::interval(WAL_CHECKPOINT_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !pool.is_closed() {
         ticks.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&pool)
             .await
         {
-            tracing::debug!(message = "WAL checkpoint failed; retrying.", %error);
+            Ok((_busy, frames, _copied)) => wal.set(frames),
+            Err(error) => tracing::debug!(message = "WAL checkpoint failed; retrying.", %error),
         }
     }
 }
