@@ -142,30 +142,23 @@ async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
     const INSERT: &str = "INSERT INTO user_state (user_key, state, updated_at) ";
     const UPSERT: &str = " ON CONFLICT (user_key) DO UPDATE \
                           SET state = excluded.state, updated_at = excluded.updated_at";
+    // The same statements on either database; only the builder's type differs.
+    macro_rules! upsert_all {
+        ($pool:expr, $db:ty) => {{
+            let mut tx = $pool.begin().await?;
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::<$db>::new(INSERT);
+                query.push_values(chunk, |mut row, (key, text)| {
+                    row.push_bind(*key).push_bind(*text).push_bind(now);
+                });
+                query.push(UPSERT);
+                query.build().persistent(false).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }};
+    }
     match target {
-        Target::Sqlite(pool, _) => {
-            let mut tx = pool.begin().await?;
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new(INSERT);
-                query.push_values(chunk, |mut row, (key, text)| {
-                    row.push_bind(*key).push_bind(*text).push_bind(now);
-                });
-                query.push(UPSERT);
-                query.build().persistent(false).execute(&mut *tx).await?;
-            }
-            tx.commit().await
-        }
-        Target::Postgres(pool) => {
-            let mut tx = pool.begin().await?;
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Postgres>::new(INSERT);
-                query.push_values(chunk, |mut row, (key, text)| {
-                    row.push_bind(*key).push_bind(*text).push_bind(now);
-                });
-                query.push(UPSERT);
-                query.build().persistent(false).execute(&mut *tx).await?;
-            }
-            tx.commit().await
-        }
+        Target::Sqlite(pool, _) => upsert_all!(pool, Sqlite),
+        Target::Postgres(pool) => upsert_all!(pool, Postgres),
     }
 }
