@@ -139,9 +139,10 @@ pub struct UserState {
     held: BTreeMap<u64, Held>,
     /// Events received while [`HELD_MAX`] were held, in arrival order.
     backlog: VecDeque<Routed>,
-    /// The state changed (a delivery was accepted) since it was last saved. Losing that change
-    /// in a crash costs one repeated delivery under the same `webhook-id`, never an event, so
-    /// it is saved with the next change, or when the actor stops.
+    /// The state changed (a delivery was accepted, with nothing behind it on its line) since
+    /// it was last saved. Losing that change in a crash costs one repeated delivery under the
+    /// same `webhook-id`, the newest of its line, never an event, so it is saved with the next
+    /// change, or when the actor stops.
     dirty: bool,
     /// Every applied event is a new change of the state; nothing it decided is sent or settled
     /// before a save covering it is durable. Saves run one at a time per user, each covering
@@ -754,7 +755,18 @@ async fn on_delivered(
             if let Some(sync) = state.sync.as_mut() {
                 sync.on_delivered(side, &done.send.state, &done.event_ids, at_ms);
             }
-            state.dirty = true;
+            if state.line(side).queue.is_empty() {
+                state.dirty = true;
+            } else {
+                // The line's next send waits until this acceptance is durable: after a crash,
+                // a stored outbox that still owed this older state would send it again after
+                // the newer one, out of order.
+                state.changes += 1;
+                let generation = state.changes;
+                if let Some(next) = state.line(side).queue.front_mut() {
+                    next.generation = next.generation.max(generation);
+                }
+            }
             tracing::debug!(message = "Delivered.", webhook_id = %done.send.webhook_id, user = %state.args.key, %sink, attempt = done.attempts);
             release(state, &done.waiting, true).await;
             pump(myself, state, side);
