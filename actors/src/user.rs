@@ -290,14 +290,10 @@ impl Actor for UserActor {
             UserMsg::Saved { generation, result } => {
                 // Failing hands every held message back to the source.
                 result?;
-                state.durable = state.durable.max(generation);
                 if state.saving == Some(generation) {
                     state.saving = None;
                 }
-                settle_durable(state).await;
-                for side in Origin::ALL {
-                    pump(&myself, state, side);
-                }
+                on_durable(&myself, state, generation).await;
             }
             UserMsg::Watchdog => {
                 state.watchdog_armed = false;
@@ -592,11 +588,7 @@ async fn start_save(
     // A store that commits at once (the simulator's) needs no round trip through the mailbox.
     if let Some(result) = futures::FutureExt::now_or_never(&mut saved) {
         result?;
-        state.durable = generation;
-        settle_durable(state).await;
-        for side in Origin::ALL {
-            pump(myself, state, side);
-        }
+        on_durable(myself, state, generation).await;
         return Ok(());
     }
     state.saving = Some(generation);
@@ -606,6 +598,15 @@ async fn start_save(
         let _ = myself.cast(UserMsg::Saved { generation, result });
     });
     Ok(())
+}
+
+/// Change `generation` is durable: what waited for it is settled, and may be sent.
+async fn on_durable(myself: &ActorRef<UserMsg>, state: &mut UserState, generation: u64) {
+    state.durable = state.durable.max(generation);
+    settle_durable(state).await;
+    for side in Origin::ALL {
+        pump(myself, state, side);
+    }
 }
 
 /// Settles the held messages whose deliveries are all settled and whose change is durable.
