@@ -8,6 +8,7 @@
 //! - [`ingest`], [`dedup`], [`router`], [`user`], [`delivery`]: the actors, in the order an
 //!   event passes them.
 //! - [`mirror`]: the PostgreSQL users mirror, a sink with its own consumer.
+//! - [`parked`]: idle users' states, kept serialized by the router between their events.
 //! - [`settings`], [`sink`], [`slot`], [`stats`], [`error`]: what they share.
 //!
 //! Architecture Invariant: actors do no I/O except through the port traits of [`ports`], and
@@ -18,6 +19,7 @@ pub mod delivery;
 pub mod error;
 pub mod ingest;
 pub mod mirror;
+pub mod parked;
 pub mod pipeline;
 pub mod ports;
 pub mod router;

@@ -200,7 +200,9 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>>;
     /// Saves `key`'s state. The save takes its place in line when this is called: saves of
     /// one user are committed in the order they were called, so a caller may start the next
-    /// before the last one finished. The future resolves once the state is durable.
+    /// before the last one finished. The future resolves once the state is durable; dropping
+    /// it does not withdraw the save. A load sees every save called before it, committed or
+    /// not.
     fn save_user(
         &self,
         key: &UserKey,

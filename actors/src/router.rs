@@ -15,6 +15,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::delivery::DeliveryMsg;
 use crate::ingest::Routed;
+use crate::parked::{Parked, ParkedState};
 use crate::ports::Ports;
 use crate::settings::PipelineSettings;
 use crate::slot::Slot;
@@ -24,11 +25,15 @@ use crate::user::{UserActor, UserArgs, UserMsg};
 #[derive(Debug)]
 pub enum RouterMsg {
     Route(Routed),
-    /// A user actor has had nothing to do for `user_idle_timeout` after `received` events.
+    /// A user actor has had nothing to do for a while after `received` events; `parked` is its
+    /// durable state, serialized, to keep for the user's next event.
     Idle {
         key: UserKey,
         received: u64,
+        parked: Option<ParkedState>,
     },
+    /// Time to drop the parked states older than `user_idle_timeout`.
+    ExpireParked,
     /// Query: how many user actors are alive.
     GetActiveUsers(ractor::RpcReplyPort<usize>),
 }
@@ -56,6 +61,10 @@ pub struct RouterState {
     /// the ones the dead actor held (handed back first) and the newer ones already on their
     /// way come again together, in stream order, instead of the newer ones overtaking.
     quarantine: BTreeMap<UserKey, Instant>,
+    /// Idle users' states, without their actors.
+    parked: Parked,
+    /// An [`RouterMsg::ExpireParked`] is on its way.
+    expiry_armed: bool,
 }
 
 /// How long a user's events are handed back after its actor failed.
@@ -74,11 +83,18 @@ impl Actor for RouterActor {
         _myself: ActorRef<RouterMsg>,
         args: RouterArgs,
     ) -> Result<RouterState, ActorProcessingErr> {
+        let parked = Parked::new(
+            args.settings.idle_cache_bytes,
+            args.settings.user_idle_timeout,
+            args.stats.clone(),
+        );
         Ok(RouterState {
             args,
             users: BTreeMap::new(),
             keys: HashMap::new(),
             quarantine: BTreeMap::new(),
+            parked,
+            expiry_armed: false,
         })
     }
 
@@ -102,7 +118,9 @@ impl Actor for RouterActor {
                     state.quarantine.remove(&key);
                 }
                 if !state.users.contains_key(&key) {
+                    state.parked.expire(Instant::now());
                     let args = UserArgs {
+                        parked: state.parked.take(&key),
                         key: key.clone(),
                         ports: state.args.ports.clone(),
                         settings: state.args.settings.clone(),
@@ -130,9 +148,19 @@ impl Actor for RouterActor {
                     let _ = entry.actor.cast(UserMsg::Event(routed));
                 }
             }
-            RouterMsg::Idle { key, received } => {
+            RouterMsg::Idle {
+                key,
+                received,
+                parked,
+            } => {
                 let idle = state.users.get(&key).is_some_and(|e| e.sent == received);
                 if idle {
+                    let now = Instant::now();
+                    state.parked.expire(now);
+                    if let Some(parked) = parked {
+                        state.parked.park(key.clone(), parked, now);
+                        arm_expiry(&myself, state, now);
+                    }
                     if let Some(entry) = state.users.remove(&key) {
                         state.keys.remove(&entry.actor.get_id());
                         state
@@ -143,6 +171,12 @@ impl Actor for RouterActor {
                         entry.actor.stop(Some("idle".into()));
                     }
                 }
+            }
+            RouterMsg::ExpireParked => {
+                state.expiry_armed = false;
+                let now = Instant::now();
+                state.parked.expire(now);
+                arm_expiry(&myself, state, now);
             }
             RouterMsg::GetActiveUsers(reply) => {
                 let _ = reply.send(state.users.len());
@@ -182,5 +216,19 @@ impl Actor for RouterActor {
             }
         }
         Ok(())
+    }
+}
+
+/// Schedules the next expiry of parked states while any are parked, so that they (and the
+/// gauges) go on time even when no event comes.
+fn arm_expiry(myself: &ActorRef<RouterMsg>, state: &mut RouterState, now: Instant) {
+    if state.expiry_armed {
+        return;
+    }
+    if let Some(due) = state.parked.next_expiry() {
+        state.expiry_armed = true;
+        myself.send_after(due.saturating_duration_since(now), || {
+            RouterMsg::ExpireParked
+        });
     }
 }

@@ -64,7 +64,12 @@ pub struct EngineFaults {
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
     pub max_in_flight: usize,
+    /// How long an idle user's state is kept in memory (its actor stops sooner: see
+    /// [`crate::user::PARK_AFTER`]).
     pub user_idle_timeout: Duration,
+    /// Bytes of idle users' states kept in memory, serialized, between their events; 0 keeps
+    /// none (each user's next event reads its state from the store).
+    pub idle_cache_bytes: usize,
     /// The source's ack deadline; held messages get a progress ack well within it.
     pub ack_wait: Duration,
     pub max_message_bytes: usize,

@@ -17,6 +17,10 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
             /// Gauge: user actors alive.
             pub users_active: AtomicI64,
+            /// Gauge: idle users whose state is kept in memory without an actor.
+            pub users_parked: AtomicI64,
+            /// Gauge: the bytes of those states.
+            pub parked_bytes: AtomicI64,
             /// Dead letters by `(reason, sink)`; `sink` is `none` for bad input.
             pub dead_letters: Labelled,
             /// Delivery attempts by `(sink, class)`: `2xx`, `4xx`, `5xx` (also other non-2xx

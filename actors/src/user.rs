@@ -9,7 +9,7 @@
 //! Architecture Invariant: per (user, side) at most one delivery is in flight, and lines are
 //! sent in the order the events were applied.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::delivery::{DeliveryMsg, DeliveryOutcome, DeliveryRequest};
 use crate::ingest::Routed;
+use crate::parked::ParkedState;
 use crate::ports::{DeadLetter, Incoming, Ports};
 use crate::router::RouterMsg;
 use crate::settings::PipelineSettings;
@@ -57,12 +58,14 @@ pub enum UserMsg {
     },
     /// Keep held messages alive at the source.
     KeepAlive,
-    /// Check whether the actor has been idle for `user_idle_timeout`.
+    /// Check whether the actor has been idle long enough to stop (see [`linger`]).
     IdleCheck,
 }
 
 pub struct UserArgs {
     pub key: UserKey,
+    /// The user's state as its previous actor left it, if the router still had it.
+    pub parked: Option<ParkedState>,
     pub ports: Ports,
     pub settings: Arc<PipelineSettings>,
     pub payload: Slot<DeliveryMsg>,
@@ -110,6 +113,14 @@ impl Line {
     }
 }
 
+/// How long a user actor stays after its last piece of work when the user's events give no
+/// better guess (see [`linger`]); its state then waits parked in the router (see
+/// [`crate::parked`]).
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
+
+/// The longest a user actor lingers, however far apart the user's events.
+pub const LINGER_MAX: Duration = Duration::from_secs(5);
+
 /// Messages one user actor works on at once; the rest wait in its backlog, unread. A user
 /// with thousands of queued events would otherwise save an ever larger outbox per event
 /// (quadratic), and its deliveries' answers would wait behind every one of them in the
@@ -130,13 +141,57 @@ struct Held {
     generation: u64,
 }
 
+/// Held messages by arrival number, oldest first. Numbers only grow, so a queue searched by
+/// bisection serves: a map would allocate a 1.8 KB node for the first message of each of
+/// thousands of actors.
+#[derive(Default)]
+struct HeldMessages(VecDeque<(u64, Held)>);
+
+impl HeldMessages {
+    fn insert(&mut self, seq: u64, held: Held) {
+        debug_assert!(self.0.back().is_none_or(|(last, _)| *last < seq));
+        self.0.push_back((seq, held));
+    }
+
+    fn get_mut(&mut self, seq: &u64) -> Option<&mut Held> {
+        let at = self.0.binary_search_by_key(seq, |(s, _)| *s).ok()?;
+        self.0.get_mut(at).map(|(_, held)| held)
+    }
+
+    fn remove(&mut self, seq: &u64) -> Option<Held> {
+        let at = self.0.binary_search_by_key(seq, |(s, _)| *s).ok()?;
+        let held = self.0.remove(at).map(|(_, held)| held);
+        if self.0.is_empty() {
+            // Idle actors keep nothing of their busiest moment.
+            self.0 = VecDeque::new();
+        }
+        held
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u64, &Held)> {
+        self.0.iter().map(|(seq, held)| (seq, held))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Held> {
+        self.0.iter().map(|(_, held)| held)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 pub struct UserState {
     args: UserArgs,
     /// Loaded from the store on the first event.
     sync: Option<SyncState>,
     better_auth: Line,
     payload: Line,
-    held: BTreeMap<u64, Held>,
+    held: HeldMessages,
     /// Events received while [`HELD_MAX`] were held, in arrival order.
     backlog: VecDeque<Routed>,
     /// The state changed (a delivery was accepted, with nothing behind it on its line) since
@@ -157,6 +212,9 @@ pub struct UserState {
     /// Events received, reported to the router when idle.
     received: u64,
     last_activity: Instant,
+    /// When the latest event arrived, and how long before it the one before it did.
+    last_event: Option<Instant>,
+    gap: Option<Duration>,
     idle_armed: bool,
     keepalive_armed: bool,
     watchdog_armed: bool,
@@ -225,7 +283,7 @@ impl Actor for UserActor {
             sync: None,
             better_auth: Line::new(),
             payload: Line::new(),
-            held: BTreeMap::new(),
+            held: HeldMessages::default(),
             backlog: VecDeque::new(),
             dirty: false,
             changes: 0,
@@ -235,6 +293,8 @@ impl Actor for UserActor {
             next_token: 0,
             received: 0,
             last_activity: Instant::now(),
+            last_event: None,
+            gap: None,
             idle_armed: false,
             keepalive_armed: false,
             watchdog_armed: false,
@@ -250,114 +310,169 @@ impl Actor for UserActor {
         state: &mut UserState,
     ) -> Result<(), ActorProcessingErr> {
         if state.dirty {
-            if let Err(error) = save(state).await {
+            if let Err(error) = Box::pin(save(state)).await {
                 tracing::warn!(message = "Saving a stopping user's state failed; its last deliveries may be repeated.", user = %state.args.key, %error);
             }
         }
         Ok(())
     }
 
+    /// The work is boxed: the actor's task future holds what `handle` awaits, and unboxed it
+    /// would carry every path's largest state in each of thousands of actors.
     async fn handle(
         &self,
         myself: ActorRef<UserMsg>,
         message: UserMsg,
         state: &mut UserState,
     ) -> Result<(), ActorProcessingErr> {
-        if !matches!(message, UserMsg::IdleCheck | UserMsg::KeepAlive) {
-            state.last_activity = Instant::now();
+        Box::pin(handle_message(myself, message, state)).await
+    }
+}
+
+async fn handle_message(
+    myself: ActorRef<UserMsg>,
+    message: UserMsg,
+    state: &mut UserState,
+) -> Result<(), ActorProcessingErr> {
+    if !matches!(message, UserMsg::IdleCheck | UserMsg::KeepAlive) {
+        state.last_activity = Instant::now();
+    }
+    crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "user");
+    match message {
+        UserMsg::Event(routed) => {
+            state.received += 1;
+            let now = Instant::now();
+            let previous = state
+                .last_event
+                .or_else(|| state.args.parked.as_ref().and_then(|p| p.last_event));
+            state.gap = previous.map(|at| now.saturating_duration_since(at));
+            state.last_event = Some(now);
+            state.backlog.push_back(routed);
         }
-        crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "user");
-        match message {
-            UserMsg::Event(routed) => {
-                state.received += 1;
-                state.backlog.push_back(routed);
+        UserMsg::Delivered {
+            side,
+            token,
+            outcome,
+        } => on_delivered(&myself, state, side, token, outcome).await?,
+        UserMsg::RetryDue { side, token } => {
+            let line = state.line(side);
+            if line.busy == Busy::Backoff(token) {
+                line.busy = Busy::Idle;
+                pump(&myself, state, side);
             }
-            UserMsg::Delivered {
-                side,
-                token,
-                outcome,
-            } => on_delivered(&myself, state, side, token, outcome).await?,
-            UserMsg::RetryDue { side, token } => {
+        }
+        UserMsg::AttemptLost { side, token } => {
+            attempt_lost(&myself, state, side, token).await?;
+        }
+        UserMsg::Saved { generation, result } => {
+            // Failing hands every held message back to the source.
+            result?;
+            if state.saving == Some(generation) {
+                state.saving = None;
+            }
+            on_durable(&myself, state, generation).await;
+        }
+        UserMsg::Watchdog => {
+            state.watchdog_armed = false;
+            let now = Instant::now();
+            for side in Origin::ALL {
                 let line = state.line(side);
-                if line.busy == Busy::Backoff(token) {
-                    line.busy = Busy::Idle;
-                    pump(&myself, state, side);
+                if let Busy::InFlight(token) = line.busy {
+                    if line.deadline <= now {
+                        attempt_lost(&myself, state, side, token).await?;
+                    }
                 }
             }
-            UserMsg::AttemptLost { side, token } => {
-                attempt_lost(&myself, state, side, token).await?;
-            }
-            UserMsg::Saved { generation, result } => {
-                // Failing hands every held message back to the source.
-                result?;
-                if state.saving == Some(generation) {
-                    state.saving = None;
+            arm_watchdog(&myself, state);
+        }
+        UserMsg::KeepAlive => {
+            state.keepalive_armed = false;
+            if !state.held.is_empty() || !state.backlog.is_empty() {
+                for held in state.held.values() {
+                    held.incoming.progress().await;
                 }
-                on_durable(&myself, state, generation).await;
+                for routed in &state.backlog {
+                    routed.incoming.progress().await;
+                }
+                arm_keepalive(&myself, state);
             }
-            UserMsg::Watchdog => {
-                state.watchdog_armed = false;
-                let now = Instant::now();
-                for side in Origin::ALL {
-                    let line = state.line(side);
-                    if let Busy::InFlight(token) = line.busy {
-                        if line.deadline <= now {
-                            attempt_lost(&myself, state, side, token).await?;
+        }
+        UserMsg::IdleCheck => {
+            state.idle_armed = false;
+            if state.is_idle() {
+                let linger = linger(state);
+                let idle_for = state.last_activity.elapsed();
+                if idle_for >= linger {
+                    if state.dirty {
+                        // Queued, not awaited: the store serves it to readers from the queue
+                        // (a next actor loads it), and losing it in a crash repeats one
+                        // delivery, as with any lazily saved acceptance. Waiting for the
+                        // commit would keep thousands of idle actors alive for nothing.
+                        if let Some(sync) = &state.sync {
+                            drop(state.args.ports.store.save_user(&state.args.key, sync));
                         }
+                        state.dirty = false;
                     }
-                }
-                arm_watchdog(&myself, state);
-            }
-            UserMsg::KeepAlive => {
-                state.keepalive_armed = false;
-                if !state.held.is_empty() || !state.backlog.is_empty() {
-                    for held in state.held.values() {
-                        held.incoming.progress().await;
-                    }
-                    for routed in &state.backlog {
-                        routed.incoming.progress().await;
-                    }
-                    arm_keepalive(&myself, state);
+                    // The router stops this actor unless events are on their way to it.
+                    state.args.router.cast(RouterMsg::Idle {
+                        key: state.args.key.clone(),
+                        received: state.received,
+                        parked: park(state),
+                    });
+                } else {
+                    state.idle_armed = true;
+                    after(&myself, state, linger - idle_for, || UserMsg::IdleCheck);
                 }
             }
-            UserMsg::IdleCheck => {
-                state.idle_armed = false;
-                if state.is_idle() {
-                    let timeout = state.args.settings.user_idle_timeout;
-                    let idle_for = state.last_activity.elapsed();
-                    if idle_for >= timeout {
-                        if state.dirty {
-                            save(state).await?;
-                        }
-                        // The router stops this actor unless events are on their way to it.
-                        state.args.router.cast(RouterMsg::Idle {
-                            key: state.args.key.clone(),
-                            received: state.received,
-                        });
-                    } else {
-                        state.idle_armed = true;
-                        after(&myself, state, timeout - idle_for, || UserMsg::IdleCheck);
-                    }
-                }
-                return Ok(());
-            }
+            return Ok(());
         }
-        while state.held.len() < HELD_MAX {
-            let Some(routed) = state.backlog.pop_front() else {
-                break;
-            };
-            on_event(&myself, state, routed).await?;
+    }
+    while state.held.len() < HELD_MAX {
+        let Some(routed) = state.backlog.pop_front() else {
+            break;
+        };
+        on_event(&myself, state, routed).await?;
+    }
+    start_save(&myself, state).await?;
+    if !state.backlog.is_empty() {
+        arm_keepalive(&myself, state);
+    }
+    if state.is_idle() && !state.idle_armed {
+        state.idle_armed = true;
+        let linger = linger(state);
+        after(&myself, state, linger, || UserMsg::IdleCheck);
+    }
+    Ok(())
+}
+
+/// How long an idle actor waits before it stops: twice the gap between the user's last two
+/// events, within [`PARK_AFTER`]..[`LINGER_MAX`], and never past `user_idle_timeout`. A user
+/// whose events keep coming keeps its actor (stopping and restarting it per event would cost
+/// a serialization and a parse each time); a user seen once parks within [`PARK_AFTER`], so a
+/// million one-off users do not keep a million actors.
+fn linger(state: &UserState) -> Duration {
+    let guess = state
+        .gap
+        .map_or(PARK_AFTER, |gap| (gap * 2).clamp(PARK_AFTER, LINGER_MAX));
+    guess.min(state.args.settings.user_idle_timeout)
+}
+
+/// The state to leave with the router, serialized: it is durable (nothing is dirty or being
+/// saved when the actor is idle), so losing it costs only a store read.
+fn park(state: &UserState) -> Option<ParkedState> {
+    if state.args.settings.idle_cache_bytes == 0 {
+        return None;
+    }
+    let sync = state.sync.as_ref()?;
+    match serde_json::to_vec(sync) {
+        Ok(bytes) => Some(ParkedState {
+            state: bytes.into(),
+            last_event: state.last_event,
+        }),
+        Err(error) => {
+            tracing::warn!(message = "Could not park an idle user's state; it stays in the store only.", user = %state.args.key, %error);
+            None
         }
-        start_save(&myself, state).await?;
-        if !state.backlog.is_empty() {
-            arm_keepalive(&myself, state);
-        }
-        if state.is_idle() && !state.idle_armed {
-            state.idle_armed = true;
-            let timeout = state.args.settings.user_idle_timeout;
-            after(&myself, state, timeout, || UserMsg::IdleCheck);
-        }
-        Ok(())
     }
 }
 
@@ -367,13 +482,23 @@ impl Actor for UserActor {
 /// must not be overtaken.
 async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> {
     if state.sync.is_none() {
-        let loaded = state
-            .args
-            .ports
-            .store
-            .load_user(&state.args.key)
-            .await?
-            .unwrap_or_default();
+        let parked = state.args.parked.take().and_then(|parked| {
+            serde_json::from_slice::<SyncState>(&parked.state)
+                .inspect_err(|error| {
+                    tracing::warn!(message = "A parked state did not parse; reading the store instead.", user = %state.args.key, %error);
+                })
+                .ok()
+        });
+        let loaded = match parked {
+            Some(parked) => parked,
+            None => state
+                .args
+                .ports
+                .store
+                .load_user(&state.args.key)
+                .await?
+                .unwrap_or_default(),
+        };
         let owed: Vec<_> = loaded.outbox.iter().cloned().collect();
         state.sync = Some(loaded);
         for entry in owed {

@@ -48,6 +48,13 @@ impl EngineProcess {
         if let Ok(path) = std::env::var("PATH") {
             command.env("PATH", path);
         }
+        // Engine settings the generated file leaves at their defaults can still be tried:
+        // `SYNC_ENGINE__ENGINE__MAX_IN_FLIGHT=2000 bench drain`.
+        for (name, value) in std::env::vars() {
+            if name.starts_with("SYNC_ENGINE__") {
+                command.env(name, value);
+            }
+        }
         let child = command
             .env(PAYLOAD_SECRET_ENV, BENCH_SECRET)
             .env(BETTER_AUTH_SECRET_ENV, BENCH_SECRET)

@@ -327,12 +327,34 @@ pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> S
         &mut out,
         "users_active",
         "gauge",
-        "Per-user actors alive (idle ones are reaped after engine.user_idle_timeout).",
+        "Per-user actors alive (an idle one stops within 250 ms; its state may stay parked).",
     )
     .sample(
         "users_active",
         &[],
         stats.users_active.load(Ordering::Relaxed),
+    );
+    Family::new(
+        &mut out,
+        "users_parked",
+        "gauge",
+        "Idle users whose state is kept in memory, serialized, for engine.user_idle_timeout.",
+    )
+    .sample(
+        "users_parked",
+        &[],
+        stats.users_parked.load(Ordering::Relaxed),
+    );
+    Family::new(
+        &mut out,
+        "parked_state_bytes",
+        "gauge",
+        "Bytes of the parked users' states (bounded by engine.idle_state_cache_mb).",
+    )
+    .sample(
+        "parked_state_bytes",
+        &[],
+        stats.parked_bytes.load(Ordering::Relaxed),
     );
     if let Some(in_flight) = live.in_flight {
         Family::new(

@@ -186,6 +186,7 @@ struct Swarm {
     users: u64,
     gap_max_ms: u64,
     idle_ms: u64,
+    idle_cache_bytes: usize,
 }
 
 impl Swarm {
@@ -247,6 +248,8 @@ impl Swarm {
             users: rng.range(2, 12),
             gap_max_ms: rng.range(1, 60),
             idle_ms: rng.range(100, 3000),
+            // Off, small enough that parked states are pushed out, or ample.
+            idle_cache_bytes: [0, 4 << 10, 1 << 20][rng.range(0, 2) as usize],
         }
     }
 }
@@ -443,6 +446,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
     let settings = Arc::new(PipelineSettings {
         max_in_flight: 500,
         user_idle_timeout: Duration::from_millis(swarm.idle_ms),
+        idle_cache_bytes: swarm.idle_cache_bytes,
         ack_wait: ACK_WAIT,
         max_message_bytes: MAX_MESSAGE_BYTES,
         fetch_batch: 32,

@@ -524,13 +524,21 @@ async fn idle_user_actors_are_reaped_and_come_back_with_their_state() {
         .await;
     }
     payload.wait_accepted(WAIT, |r| r.len() >= 10).await;
-    let mut active = env.metric("sync_engine_users_active").await;
+    // Actors stop within 250 ms of going idle and leave their states parked; parked states
+    // go after the idle timeout, so the next event reads the store.
+    let in_memory = || async {
+        (
+            env.metric("sync_engine_users_active").await,
+            env.metric("sync_engine_users_parked").await,
+        )
+    };
+    let mut held = in_memory().await;
     let deadline = std::time::Instant::now() + WAIT;
-    while active > 0.0 && std::time::Instant::now() < deadline {
+    while held != (0.0, 0.0) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        active = env.metric("sync_engine_users_active").await;
+        held = in_memory().await;
     }
-    assert_eq!(active, 0.0, "idle user actors are stopped");
+    assert_eq!(held, (0.0, 0.0), "idle users leave memory (actors, parked states)");
     // The reaped user's state comes back from the store: an older write still loses.
     env.publish(
         "i-old",

@@ -7,12 +7,17 @@
 //! writer in the order they were made (one channel, one task), and within a batch only a
 //! user's latest state is written: the earlier ones are superseded by it in the same
 //! transaction, so no reader can tell the difference.
+//!
+//! Reads see every save queued before them ([`StateWriter::pending`]): a user whose actor
+//! stopped with a save still in line, and whose next event starts a new actor at once, gets
+//! that state, not the older committed one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use sqlx::{PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,9 +32,14 @@ const SAVES_PER_TRANSACTION: usize = 4_000;
 /// One user's serialized state, and who waits for it to be durable.
 struct Save {
     key: String,
-    text: String,
+    text: Arc<str>,
+    /// Its place among all saves, to tell it from a newer save of the same user.
+    seq: u64,
     done: oneshot::Sender<Result<(), String>>,
 }
+
+/// Saves queued and not yet committed (or failed): the latest per user.
+type Pending = Arc<DashMap<String, (u64, Arc<str>)>>;
 
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -59,14 +69,26 @@ pub struct StateWriter {
     /// at most one save waiting (and `engine.max_in_flight` bounds the users), so it stays
     /// small.
     queue: mpsc::UnboundedSender<Save>,
+    pending: Pending,
+    next_seq: Arc<AtomicU64>,
 }
 
 impl StateWriter {
     /// Starts the writer task; it ends when the last handle is dropped.
     pub fn start(target: Target) -> StateWriter {
         let (queue, saves) = mpsc::unbounded_channel();
-        tokio::spawn(run(target, saves));
-        StateWriter { queue }
+        let pending = Pending::default();
+        tokio::spawn(run(target, saves, pending.clone()));
+        StateWriter {
+            queue,
+            pending,
+            next_seq: Arc::default(),
+        }
+    }
+
+    /// The latest state queued for `key` and not yet committed, if any.
+    pub fn pending(&self, key: &str) -> Option<Arc<str>> {
+        self.pending.get(key).map(|entry| entry.1.clone())
     }
 
     /// Queues `text` as `key`'s state, behind every save queued before; the future resolves
@@ -77,12 +99,19 @@ impl StateWriter {
         text: String,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
         let (done, committed) = oneshot::channel();
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let text: Arc<str> = text.into();
+        self.pending.insert(key.to_string(), (seq, text.clone()));
         let save = Save {
             key: key.to_string(),
             text,
+            seq,
             done,
         };
         let queued = self.queue.send(save).is_ok();
+        if !queued {
+            self.pending.remove_if(key, |_, (at, _)| *at == seq);
+        }
         async move {
             if !queued {
                 return Err("the state writer stopped".into());
@@ -101,7 +130,7 @@ impl StateWriter {
 const OWN_CHECKPOINT_FRAMES: i64 = 16_384;
 const OWN_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
-async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>) {
+async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>, pending: Pending) {
     let mut batch = Vec::new();
     let mut checkpointed = tokio::time::Instant::now();
     while saves.recv_many(&mut batch, SAVES_PER_TRANSACTION).await > 0 {
@@ -126,6 +155,9 @@ async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>) {
             tracing::warn!(message = "Saving user states failed.", saves = batch.len(), %error);
         }
         for save in batch.drain(..) {
+            // Committed, readers find it in the table; failed, its saver fails and nobody
+            // may read it.
+            pending.remove_if(&save.key, |_, (at, _)| *at == save.seq);
             let _ = save.done.send(result.clone());
         }
     }
@@ -135,7 +167,7 @@ async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>) {
 async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
     let mut latest: HashMap<&str, &str> = HashMap::with_capacity(batch.len());
     for save in batch {
-        latest.insert(&save.key, &save.text);
+        latest.insert(&save.key, &*save.text);
     }
     let rows: Vec<(&str, &str)> = latest.into_iter().collect();
     let now = now_ms();

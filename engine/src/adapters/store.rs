@@ -145,15 +145,18 @@ impl SqlStore {
 
     pub async fn load(&self, key: &UserKey) -> Result<Option<SyncState>, sqlx::Error> {
         const SQL: &str = "SELECT state FROM user_state WHERE user_key = $1";
+        fn decode(text: &str) -> Result<Option<SyncState>, sqlx::Error> {
+            serde_json::from_str(text)
+                .map(Some)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        }
+        if let Some(queued) = self.writer.pending(key.as_str()) {
+            return decode(&queued);
+        }
         let text: Option<String> = on_pool!(self, pool => {
             sqlx::query_scalar(SQL).bind(key.as_str()).fetch_optional(pool).await?
         });
-        match text {
-            None => Ok(None),
-            Some(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| sqlx::Error::Decode(Box::new(e))),
-        }
+        text.as_deref().map_or(Ok(None), decode)
     }
 
     /// Queues the state for the writer now; the future resolves once it is committed

@@ -45,9 +45,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
-    /// How long an idle per-user actor lives before it is stopped.
+    /// How long an idle user's state stays in memory before only the store has it.
     #[serde(with = "duration")]
     pub user_idle_timeout: Duration,
+    /// MiB of memory for idle users' states, kept serialized between their events.
+    pub idle_state_cache_mb: usize,
     /// Events held in memory across all users before ingestion pauses.
     pub max_in_flight: usize,
     /// How long shutdown waits for in-flight deliveries.
@@ -275,6 +277,12 @@ impl Config {
         };
         if self.engine.max_in_flight == 0 {
             return Err(invalid("engine.max_in_flight", "must be at least 1".into()));
+        }
+        if self.engine.idle_state_cache_mb > 1 << 20 {
+            return Err(invalid(
+                "engine.idle_state_cache_mb",
+                "must be at most 1048576 (1 TiB); 0 turns the cache off".into(),
+            ));
         }
         if self.engine.user_idle_timeout.is_zero() {
             return Err(invalid(
