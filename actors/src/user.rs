@@ -116,7 +116,7 @@ impl Line {
 /// How long a user actor stays after its last piece of work when the user's events give no
 /// better guess (see [`linger`]); its state then waits parked in the router (see
 /// [`crate::parked`]).
-pub const PARK_AFTER: Duration = Duration::from_millis(250);
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// The longest a user actor lingers, however far apart the user's events.
 pub const LINGER_MAX: Duration = Duration::from_secs(5);

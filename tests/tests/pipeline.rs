@@ -538,7 +538,11 @@ async fn idle_user_actors_are_reaped_and_come_back_with_their_state() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         held = in_memory().await;
     }
-    assert_eq!(held, (0.0, 0.0), "idle users leave memory (actors, parked states)");
+    assert_eq!(
+        held,
+        (0.0, 0.0),
+        "idle users leave memory (actors, parked states)"
+    );
     // The reaped user's state comes back from the store: an older write still loses.
     env.publish(
         "i-old",

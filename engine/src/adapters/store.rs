@@ -94,18 +94,18 @@ impl SqlStore {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot migrate the SQLite store: {e}"))?;
             // The state writer's own connection: SQLite has one writer at a time anyway. A
-            // larger page cache keeps the pages of the users being synced in memory instead
-            // of reading them back for every upsert; a statement journal in memory spares
+            // larger page cache (16 MiB: the tree's inner pages and the users being synced)
+            // spares reading pages back for every upsert; a statement journal in memory spares
             // a temporary file per multi-row upsert. It does not checkpoint the WAL after
             // every few MiB: a checkpoint (with its fsync) in the committing connection stalls
             // every user waiting for the next commit. Another connection copies the WAL back
-            // meanwhile, and the writer finishes the job once a second (`state_writer.rs`).
+            // meanwhile, and the writer finishes the job every 16 MiB (`state_writer.rs`).
             let writer = SqlitePoolOptions::new()
                 .max_connections(1)
                 .test_before_acquire(false)
                 .connect_with(
                     options
-                        .pragma("cache_size", "-32768")
+                        .pragma("cache_size", "-16384")
                         .pragma("temp_store", "memory")
                         .pragma("wal_autocheckpoint", "0")
                         // After a burst, the WAL file shrinks back to this once restarted.
