@@ -500,6 +500,20 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> 
                 .unwrap_or_default(),
         };
         let owed: Vec<_> = loaded.outbox.iter().cloned().collect();
+        if state.gap.is_none() {
+            // No earlier event of this actor's to measure from (its parked state was pushed
+            // out, or it had none): the user's last accepted delivery, as stored, stands in
+            // for its last event, so a user whose events keep coming is not taken for a
+            // one-off again after every eviction.
+            let last = [&loaded.better_auth, &loaded.payload]
+                .iter()
+                .filter_map(|side| side.last_delivery_ms)
+                .max();
+            if let Some(last) = last {
+                let since = state.args.ports.clock.now_ms().saturating_sub(last);
+                state.gap = u64::try_from(since).ok().map(Duration::from_millis);
+            }
+        }
         state.sync = Some(loaded);
         for entry in owed {
             if state.args.settings.target(entry.send.side).is_none() {
