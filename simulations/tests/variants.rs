@@ -21,7 +21,7 @@ const CAUGHT: [(Variant, u64, &[&str]); 7] = [
     // (f) echo recognised only against the last delivery: a late echo counts as a write.
     (Variant::EchoLastOnly, 2, &["[converge]"]),
     // (g) canonical never re-sent to the origin: a side whose write lost keeps it.
-    (Variant::NoResync, 4, &["[converge]"]),
+    (Variant::NoResync, 6, &["[converge]"]),
 ];
 
 #[test]

@@ -154,7 +154,8 @@ async fn state_survives_across_connections() {
 }
 
 /// Saves started one after the other without waiting are committed in that order (the last
-/// one wins), however the writer groups them into transactions, on both stores.
+/// one wins), however the writer groups them into transactions, on both stores; and a load
+/// sees the latest save queued before it, committed or not.
 async fn saves_keep_their_order(store: SqlStore) {
     let keys: Vec<UserKey> = (0..50).map(|i| UserKey::new(format!("u{i}"))).collect();
     let mut pending = Vec::new();
@@ -164,6 +165,10 @@ async fn saves_keep_their_order(store: SqlStore) {
             state.sent_ts_ms = version;
             pending.push(store.save_user(key, &state));
         }
+    }
+    for key in [&keys[0], &keys[49]] {
+        let queued = store.load_user(key).await.expect("load").expect("queued");
+        assert_eq!(queued.sent_ts_ms, 20, "{key} before its saves are awaited");
     }
     for saved in pending {
         saved.await.expect("save");
