@@ -327,7 +327,7 @@ pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> S
         &mut out,
         "users_active",
         "gauge",
-        "Per-user actors alive (an idle one stops within 250 ms; its state may stay parked).",
+        "Per-user actors alive (an idle one stops within 100 ms to 5 s; its state may stay parked).",
     )
     .sample(
         "users_active",

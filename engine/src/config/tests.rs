@@ -200,3 +200,16 @@ fn missing_file_is_an_error_naming_it() {
         Config::load(Some(Path::new("/nonexistent/sync.toml")), Vec::new()).expect_err("missing");
     assert!(error.to_string().contains("/nonexistent/sync.toml"));
 }
+
+#[test]
+fn an_idle_state_cache_past_a_tebibyte_is_named() {
+    let config = load_text("[engine]\nidle_state_cache_mb = 2000000\n").expect("parses");
+    let env = env_with_secrets();
+    let error = config
+        .validate(|k| env.get(k).cloned())
+        .expect_err("too large");
+    assert_eq!(error.keys(), vec!["engine.idle_state_cache_mb".to_string()]);
+    let off = load_text("[engine]\nidle_state_cache_mb = 0\n").expect("parses");
+    off.validate(|k| env.get(k).cloned())
+        .expect("0 turns it off");
+}
