@@ -4,8 +4,8 @@
 //! `user_idle_timeout` after each event, a million users would cost gigabytes. So an idle actor
 //! stops soon and hands over its state as the JSON it would store, a few KiB, parked here for
 //! `user_idle_timeout` within a byte budget. The user's next event starts a new actor from it
-//! without a store read. A parked state is always one already durable: dropping it loses
-//! nothing but that read.
+//! without a store read. A parked state is one the store has, committed or queued for its
+//! writer (which serves queued saves to readers): dropping it loses nothing but that read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;

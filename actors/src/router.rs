@@ -26,9 +26,12 @@ use crate::user::{UserActor, UserArgs, UserMsg};
 pub enum RouterMsg {
     Route(Routed),
     /// A user actor has had nothing to do for a while after `received` events; `parked` is its
-    /// durable state, serialized, to keep for the user's next event.
+    /// state, serialized, to keep for the user's next event. `actor` is the sender: an actor
+    /// may report idle twice, and the second report must not stop (or park over) the actor
+    /// that took over the key meanwhile.
     Idle {
         key: UserKey,
+        actor: ActorId,
         received: u64,
         parked: Option<ParkedState>,
     },
@@ -150,10 +153,14 @@ impl Actor for RouterActor {
             }
             RouterMsg::Idle {
                 key,
+                actor,
                 received,
                 parked,
             } => {
-                let idle = state.users.get(&key).is_some_and(|e| e.sent == received);
+                let idle = state
+                    .users
+                    .get(&key)
+                    .is_some_and(|e| e.actor.get_id() == actor && e.sent == received);
                 if idle {
                     let now = Instant::now();
                     state.parked.expire(now);

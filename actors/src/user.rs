@@ -416,6 +416,7 @@ async fn handle_message(
                     // The router stops this actor unless events are on their way to it.
                     state.args.router.cast(RouterMsg::Idle {
                         key: state.args.key.clone(),
+                        actor: myself.get_id(),
                         received: state.received,
                         parked: park(state),
                     });
@@ -457,8 +458,9 @@ fn linger(state: &UserState) -> Duration {
     guess.min(state.args.settings.user_idle_timeout)
 }
 
-/// The state to leave with the router, serialized: it is durable (nothing is dirty or being
-/// saved when the actor is idle), so losing it costs only a store read.
+/// The state to leave with the router, serialized: the store has it, committed or queued
+/// (nothing is dirty or being saved when the actor is idle), so losing it costs only a store
+/// read.
 fn park(state: &UserState) -> Option<ParkedState> {
     if state.args.settings.idle_cache_bytes == 0 {
         return None;

@@ -130,6 +130,7 @@ pub async fn run(
 
     let sql = SqlStore::connect(&config.store.url).await?;
     let store = Arc::new(sql.clone());
+    let writer = sql.clone();
     let clock = Arc::new(SystemClock);
     let (dedup, redis): (Arc<dyn DedupStore>, Option<RedisDedup>) = match config.dedup.backend {
         DedupBackend::Memory => (
@@ -237,6 +238,8 @@ pub async fn run(
             n_left = left
         );
     }
+    // The user actors are stopped; what they queued without waiting is written before exit.
+    writer.flush().await;
     let _ = nats_client.flush().await;
     server.abort();
     tracing::info!(message = "Stopped.");

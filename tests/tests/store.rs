@@ -186,6 +186,23 @@ async fn sqlite_saves_keep_their_order() {
     saves_keep_their_order(SqlStore::connect(&url).await.expect("open")).await;
 }
 
+/// A save nobody waits for (an idle user's last acceptance) is written by the time `flush`
+/// returns: another connection reads it from the table.
+#[tokio::test]
+async fn a_flush_writes_the_saves_nobody_waited_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/sync.db", dir.path().display());
+    let store = SqlStore::connect(&url).await.expect("open");
+    let key = UserKey::new("u-flush");
+    let mut state = sample_state();
+    state.sent_ts_ms = 42;
+    drop(store.save_user(&key, &state));
+    store.flush().await;
+    let other = SqlStore::connect(&url).await.expect("open again");
+    let loaded = other.load_user(&key).await.expect("load").expect("written");
+    assert_eq!(loaded.sent_ts_ms, 42);
+}
+
 #[tokio::test]
 async fn postgres_saves_keep_their_order() {
     let (name, url) = fresh_postgres().await;

@@ -38,6 +38,12 @@ struct Save {
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// What the writer is asked: a save, or to answer once everything queued before is written.
+enum Job {
+    Save(Save),
+    Flush(oneshot::Sender<()>),
+}
+
 /// Saves queued and not yet committed (or failed): the latest per user.
 type Pending = Arc<DashMap<String, (u64, Arc<str>)>>;
 
@@ -68,7 +74,7 @@ pub struct StateWriter {
     /// Unbounded so that a save takes its place in line synchronously; each user actor has
     /// at most one save waiting (and `engine.max_in_flight` bounds the users), so it stays
     /// small.
-    queue: mpsc::UnboundedSender<Save>,
+    queue: mpsc::UnboundedSender<Job>,
     pending: Pending,
     next_seq: Arc<AtomicU64>,
 }
@@ -83,6 +89,16 @@ impl StateWriter {
             queue,
             pending,
             next_seq: Arc::default(),
+        }
+    }
+
+    /// Resolves once every save queued before it is written (or failed). Shutdown waits for
+    /// it: saves queued without anyone waiting (an idle user's last acceptance) would
+    /// otherwise die with the process and repeat a delivery after the restart.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.queue.send(Job::Flush(done)).is_ok() {
+            let _ = flushed.await;
         }
     }
 
@@ -108,7 +124,7 @@ impl StateWriter {
             seq,
             done,
         };
-        let queued = self.queue.send(save).is_ok();
+        let queued = self.queue.send(Job::Save(save)).is_ok();
         if !queued {
             self.pending.remove_if(key, |_, (at, _)| *at == seq);
         }
@@ -132,11 +148,23 @@ impl StateWriter {
 const OWN_CHECKPOINT_FRAMES: i64 = 4_096;
 const OWN_CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
-async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>, pending: Pending) {
+async fn run(target: Target, mut jobs: mpsc::UnboundedReceiver<Job>, pending: Pending) {
+    let mut received = Vec::new();
     let mut batch = Vec::new();
+    let mut flushes = Vec::new();
     let mut checkpointed = tokio::time::Instant::now();
-    while saves.recv_many(&mut batch, SAVES_PER_TRANSACTION).await > 0 {
-        let result = write(&target, &batch).await.map_err(|e| e.to_string());
+    while jobs.recv_many(&mut received, SAVES_PER_TRANSACTION).await > 0 {
+        for job in received.drain(..) {
+            match job {
+                Job::Save(save) => batch.push(save),
+                Job::Flush(done) => flushes.push(done),
+            }
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            write(&target, &batch).await.map_err(|e| e.to_string())
+        };
         if let Target::Sqlite(pool, wal) = &target {
             // Other connections copy the WAL back meanwhile, but only a checkpoint with no
             // write going on can finish it, so that the next transaction starts the WAL
@@ -161,6 +189,10 @@ async fn run(target: Target, mut saves: mpsc::UnboundedReceiver<Save>, pending: 
             // may read it.
             pending.remove_if(&save.key, |_, (at, _)| *at == save.seq);
             let _ = save.done.send(result.clone());
+        }
+        // Every save received before a flush is in this batch or an earlier one.
+        for done in flushes.drain(..) {
+            let _ = done.send(());
         }
     }
 }

@@ -139,6 +139,11 @@ impl SqlStore {
         SqlStore { db, writer }
     }
 
+    /// Waits until every save queued so far is written.
+    pub async fn flush(&self) {
+        self.writer.flush().await;
+    }
+
     pub async fn ping(&self) -> bool {
         on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.is_ok())
     }
