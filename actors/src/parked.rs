@@ -17,13 +17,8 @@ use tokio::time::Instant;
 
 use crate::stats::Stats;
 
-/// A user's durable state, serialized, and when its latest event arrived (how long its next
-/// actor lingers depends on the gap between events).
-#[derive(Debug, Clone)]
-pub struct ParkedState {
-    pub state: Arc<[u8]>,
-    pub last_event: Option<Instant>,
-}
+/// A user's state, serialized.
+pub type ParkedState = Arc<[u8]>;
 
 struct Entry {
     state: ParkedState,
@@ -60,7 +55,7 @@ impl Parked {
     /// than the whole budget is not kept.
     pub fn park(&mut self, key: UserKey, state: ParkedState, now: Instant) {
         self.take(&key);
-        let size = state.state.len();
+        let size = state.len();
         if size > self.budget {
             return;
         }
@@ -88,7 +83,7 @@ impl Parked {
     pub fn take(&mut self, key: &UserKey) -> Option<ParkedState> {
         let entry = self.states.remove(key)?;
         self.by_age.remove(&entry.order);
-        self.bytes -= entry.state.state.len();
+        self.bytes -= entry.state.len();
         self.publish();
         Some(entry.state)
     }
@@ -134,7 +129,7 @@ impl Parked {
             return false;
         };
         if let Some(entry) = self.states.remove(&key) {
-            self.bytes -= entry.state.state.len();
+            self.bytes -= entry.state.len();
         }
         true
     }
@@ -154,10 +149,7 @@ mod tests {
     use super::*;
 
     fn state(n: usize) -> ParkedState {
-        ParkedState {
-            state: vec![b'x'; n].into(),
-            last_event: None,
-        }
+        vec![b'x'; n].into()
     }
 
     fn key(k: &str) -> UserKey {
@@ -172,7 +164,7 @@ mod tests {
         parked.park(key("a"), state(10), now);
         assert_eq!(stats.users_parked.load(Ordering::Relaxed), 1);
         assert_eq!(stats.parked_bytes.load(Ordering::Relaxed), 10);
-        assert_eq!(parked.take(&key("a")).map(|s| s.state.len()), Some(10));
+        assert_eq!(parked.take(&key("a")).map(|s| s.len()), Some(10));
         assert!(parked.take(&key("a")).is_none());
         assert_eq!(parked.bytes(), 0);
         assert_eq!(stats.users_parked.load(Ordering::Relaxed), 0);
@@ -201,7 +193,7 @@ mod tests {
         parked.park(key("a"), state(30), now);
         assert_eq!(parked.len(), 1);
         assert_eq!(parked.bytes(), 30);
-        assert_eq!(parked.take(&key("a")).map(|s| s.state.len()), Some(30));
+        assert_eq!(parked.take(&key("a")).map(|s| s.len()), Some(30));
     }
 
     #[test]

@@ -121,7 +121,6 @@ impl Actor for RouterActor {
                     state.quarantine.remove(&key);
                 }
                 if !state.users.contains_key(&key) {
-                    state.parked.expire(Instant::now());
                     let args = UserArgs {
                         parked: state.parked.take(&key),
                         key: key.clone(),
@@ -163,7 +162,6 @@ impl Actor for RouterActor {
                     .is_some_and(|e| e.actor.get_id() == actor && e.sent == received);
                 if idle {
                     let now = Instant::now();
-                    state.parked.expire(now);
                     if let Some(parked) = parked {
                         state.parked.park(key.clone(), parked, now);
                         arm_expiry(&myself, state, now);

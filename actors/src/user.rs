@@ -212,7 +212,8 @@ pub struct UserState {
     /// Events received, reported to the router when idle.
     received: u64,
     last_activity: Instant,
-    /// When the latest event arrived, and how long before it the one before it did.
+    /// When the latest event arrived, and how long before it the one before it did (for a
+    /// new actor: since the user's last accepted delivery, as its state has it).
     last_event: Option<Instant>,
     gap: Option<Duration>,
     idle_armed: bool,
@@ -342,10 +343,9 @@ async fn handle_message(
         UserMsg::Event(routed) => {
             state.received += 1;
             let now = Instant::now();
-            let previous = state
-                .last_event
-                .or_else(|| state.args.parked.as_ref().and_then(|p| p.last_event));
-            state.gap = previous.map(|at| now.saturating_duration_since(at));
+            if let Some(previous) = state.last_event {
+                state.gap = Some(now.saturating_duration_since(previous));
+            }
             state.last_event = Some(now);
             state.backlog.push_back(routed);
         }
@@ -467,10 +467,7 @@ fn park(state: &UserState) -> Option<ParkedState> {
     }
     let sync = state.sync.as_ref()?;
     match serde_json::to_vec(sync) {
-        Ok(bytes) => Some(ParkedState {
-            state: bytes.into(),
-            last_event: state.last_event,
-        }),
+        Ok(bytes) => Some(bytes.into()),
         Err(error) => {
             tracing::warn!(message = "Could not park an idle user's state; it stays in the store only.", user = %state.args.key, %error);
             None
@@ -485,7 +482,7 @@ fn park(state: &UserState) -> Option<ParkedState> {
 async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> {
     if state.sync.is_none() {
         let parked = state.args.parked.take().and_then(|parked| {
-            serde_json::from_slice::<SyncState>(&parked.state)
+            serde_json::from_slice::<SyncState>(&parked)
                 .inspect_err(|error| {
                     tracing::warn!(message = "A parked state did not parse; reading the store instead.", user = %state.args.key, %error);
                 })
@@ -503,10 +500,10 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> 
         };
         let owed: Vec<_> = loaded.outbox.iter().cloned().collect();
         if state.gap.is_none() {
-            // No earlier event of this actor's to measure from (its parked state was pushed
-            // out, or it had none): the user's last accepted delivery, as stored, stands in
-            // for its last event, so a user whose events keep coming is not taken for a
-            // one-off again after every eviction.
+            // A new actor has no earlier event of its own to measure from: the user's last
+            // accepted delivery, as its state has it (parked or stored), stands in for its
+            // last event, so a user whose events keep coming is not taken for a one-off each
+            // time its actor restarts.
             let last = [&loaded.better_auth, &loaded.payload]
                 .iter()
                 .filter_map(|side| side.last_delivery_ms)

@@ -179,7 +179,15 @@ async function sides() {
   return { ba: sort(baUsers), pl: sort(plUsers) };
 }
 
-async function converge(what: string, expected?: unknown[][]) {
+/** Rows sorted by id, the way `sides()` returns them. */
+const byId = (rows: unknown[][]) => rows.sort((a, b) => String(a[0]).localeCompare(String(b[0])));
+
+/**
+ * Waits until both sides hold exactly `expected`. Agreement alone is not enough: while a
+ * delivery is on its way both sides can briefly hold the same older state (one side applied
+ * the other's stale copy and the engine's resend has not landed yet).
+ */
+async function converge(what: string, expected: unknown[][]) {
   let last: Awaited<ReturnType<typeof sides>> | undefined;
   try {
     await eventually(
@@ -187,7 +195,7 @@ async function converge(what: string, expected?: unknown[][]) {
       async () => {
         last = await sides();
         const same = JSON.stringify(last.ba) === JSON.stringify(last.pl);
-        return same && (!expected || JSON.stringify(last.ba) === JSON.stringify(expected));
+        return same && JSON.stringify(last.ba) === JSON.stringify(byId(expected));
       },
       20_000,
     );
@@ -205,13 +213,17 @@ test("both apps converge through the engine, and the traffic stops", async (t) =
     [ada.user.id, "ada@example.com", "Ada Lovelace"],
     [grace.user.id, "grace@example.com", "Grace Hopper"],
     [linus.user.id, "linus@example.com", "Linus Torvalds"],
-  ].sort((a, b) => a[0].localeCompare(b[0])));
+  ]);
 
   // An edit in Better Auth reaches Payload; an edit in Payload reaches Better Auth.
   await ba.auth.api.updateUser({ body: { name: "Ada King" }, headers: ada.headers });
   const graceDoc = (await pl.findByAuthId(grace.user.id))!;
   await pl.payload.update({ collection: "users", id: graceDoc.id, data: { fullName: "Rear Admiral Hopper" } });
-  await converge("edits on each side to cross over");
+  await converge("edits on each side to cross over", [
+    [ada.user.id, "ada@example.com", "Ada King"],
+    [grace.user.id, "grace@example.com", "Rear Admiral Hopper"],
+    [linus.user.id, "linus@example.com", "Linus Torvalds"],
+  ]);
   assert.equal((await ba.findUser(grace.user.id))?.name, "Rear Admiral Hopper");
   assert.equal((await pl.findByAuthId(ada.user.id))?.fullName, "Ada King");
 
@@ -221,7 +233,11 @@ test("both apps converge through the engine, and the traffic stops", async (t) =
     ba.auth.api.updateUser({ body: { name: "Linus B. Torvalds" }, headers: linus.headers }),
     pl.payload.update({ collection: "users", id: linusDoc.id, data: { email: "linus@kernel.org" } }),
   ]);
-  await converge("concurrent edits to merge");
+  await converge("concurrent edits to merge", [
+    [ada.user.id, "ada@example.com", "Ada King"],
+    [grace.user.id, "grace@example.com", "Rear Admiral Hopper"],
+    [linus.user.id, "linus@kernel.org", "Linus B. Torvalds"],
+  ]);
   assert.deepEqual(
     [(await ba.findUser(linus.user.id))?.email, (await ba.findUser(linus.user.id))?.name],
     ["linus@kernel.org", "Linus B. Torvalds"],
@@ -229,13 +245,21 @@ test("both apps converge through the engine, and the traffic stops", async (t) =
 
   // A user created in Payload with a Better Auth id that Better Auth lacks is created there.
   await pl.payload.create({ collection: "users", data: { email: "cms@example.com", fullName: "Made In CMS", betterAuthUserId: `cms_${id}` } });
-  await converge("a Payload-made user to reach Better Auth");
+  await converge("a Payload-made user to reach Better Auth", [
+    [ada.user.id, "ada@example.com", "Ada King"],
+    [grace.user.id, "grace@example.com", "Rear Admiral Hopper"],
+    [linus.user.id, "linus@kernel.org", "Linus B. Torvalds"],
+    [`cms_${id}`, "cms@example.com", "Made In CMS"],
+  ]);
   assert.equal((await ba.findUser(`cms_${id}`))?.email, "cms@example.com");
 
   // Deletions on either side.
   await ba.auth.api.deleteUser({ body: { password: ada.password }, headers: ada.headers });
   await pl.payload.delete({ collection: "users", id: (await pl.findByAuthId(grace.user.id))!.id });
-  await converge("deletions to cross over");
+  await converge("deletions to cross over", [
+    [linus.user.id, "linus@kernel.org", "Linus B. Torvalds"],
+    [`cms_${id}`, "cms@example.com", "Made In CMS"],
+  ]);
   const final = await sides();
   assert.deepEqual(final.ba.map((row) => row[0]).sort(), [linus.user.id, `cms_${id}`].sort());
   assert.equal(await ba.findUser(ada.user.id), null);
