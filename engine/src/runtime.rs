@@ -192,17 +192,20 @@ pub async fn run(
     }
     let settings = Arc::new(pipeline_settings(&config, &secrets));
     let events_held_at_most = settings.max_in_flight;
-    let max_concurrency = [Origin::Payload, Origin::BetterAuth]
+    // Both targets may be one host (one pool in reqwest): its idle connections must cover
+    // every slot of both, or each request past the smaller bound closes its connection after
+    // use and the next opens a new one (a drain opened a connection per four requests).
+    let idle_connections = [Origin::Payload, Origin::BetterAuth]
         .iter()
         .filter_map(|s| settings.target(*s).map(|t| t.max_concurrency))
-        .max()
-        .unwrap_or(1);
+        .sum::<usize>()
+        .max(1);
     let ports = Ports {
         clock,
         entropy: Arc::new(OsEntropy::default()),
         dedup,
         store,
-        http: Arc::new(ReqwestTransport::new(max_concurrency)?),
+        http: Arc::new(ReqwestTransport::new(idle_connections)?),
         chaos: Arc::new(actors::ports::NoChaos),
     };
     let pipeline = Pipeline::start(PipelineArgs {
