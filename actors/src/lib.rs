@@ -9,6 +9,7 @@
 //!   event passes them.
 //! - [`mirror`]: the PostgreSQL users mirror, a sink with its own consumer.
 //! - [`parked`]: idle users' states, kept serialized by the router between their events.
+//! - [`state_codec`]: the stored and parked form of a user's state.
 //! - [`settings`], [`sink`], [`slot`], [`stats`], [`error`]: what they share.
 //!
 //! Architecture Invariant: actors do no I/O except through the port traits of [`ports`], and
@@ -26,6 +27,7 @@ pub mod router;
 pub mod settings;
 pub mod sink;
 pub mod slot;
+pub mod state_codec;
 pub mod stats;
 pub mod sync;
 pub mod user;

@@ -466,7 +466,7 @@ fn park(state: &UserState) -> Option<ParkedState> {
         return None;
     }
     let sync = state.sync.as_ref()?;
-    match serde_json::to_vec(sync) {
+    match crate::state_codec::encode(sync) {
         Ok(bytes) => Some(bytes.into()),
         Err(error) => {
             tracing::warn!(message = "Could not park an idle user's state; it stays in the store only.", user = %state.args.key, %error);
@@ -482,7 +482,7 @@ fn park(state: &UserState) -> Option<ParkedState> {
 async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> {
     if state.sync.is_none() {
         let parked = state.args.parked.take().and_then(|parked| {
-            serde_json::from_slice::<SyncState>(&parked)
+            crate::state_codec::decode(&parked)
                 .inspect_err(|error| {
                     tracing::warn!(message = "A parked state did not parse; reading the store instead.", user = %state.args.key, %error);
                 })

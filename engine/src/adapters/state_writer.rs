@@ -29,10 +29,10 @@ const ROWS_PER_STATEMENT: usize = 500;
 /// Saves gathered into one transaction at most, so a huge backlog still commits regularly.
 const SAVES_PER_TRANSACTION: usize = 4_000;
 
-/// One user's serialized state, and who waits for it to be durable.
+/// One user's stored state (`actors::state_codec`), and who waits for it to be durable.
 struct Save {
     key: String,
-    text: Arc<str>,
+    bytes: Arc<[u8]>,
     /// Its place among all saves, to tell it from a newer save of the same user.
     seq: u64,
     done: oneshot::Sender<Result<(), String>>,
@@ -45,7 +45,7 @@ enum Job {
 }
 
 /// Saves queued and not yet committed (or failed): the latest per user.
-type Pending = Arc<DashMap<String, (u64, Arc<str>)>>;
+type Pending = Arc<DashMap<String, (u64, Arc<[u8]>)>>;
 
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -103,24 +103,24 @@ impl StateWriter {
     }
 
     /// The latest state queued for `key` and not yet committed, if any.
-    pub fn pending(&self, key: &str) -> Option<Arc<str>> {
+    pub fn pending(&self, key: &str) -> Option<Arc<[u8]>> {
         self.pending.get(key).map(|entry| entry.1.clone())
     }
 
-    /// Queues `text` as `key`'s state, behind every save queued before; the future resolves
-    /// once it is committed.
+    /// Queues `bytes` as `key`'s stored state, behind every save queued before; the future
+    /// resolves once it is committed.
     pub fn save(
         &self,
         key: &str,
-        text: String,
+        bytes: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
         let (done, committed) = oneshot::channel();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let text: Arc<str> = text.into();
-        self.pending.insert(key.to_string(), (seq, text.clone()));
+        let bytes: Arc<[u8]> = bytes.into();
+        self.pending.insert(key.to_string(), (seq, bytes.clone()));
         let save = Save {
             key: key.to_string(),
-            text,
+            bytes,
             seq,
             done,
         };
@@ -199,11 +199,11 @@ async fn run(target: Target, mut jobs: mpsc::UnboundedReceiver<Job>, pending: Pe
 
 /// The latest state of each user in `batch`, in one transaction.
 async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
-    let mut latest: HashMap<&str, &str> = HashMap::with_capacity(batch.len());
+    let mut latest: HashMap<&str, &[u8]> = HashMap::with_capacity(batch.len());
     for save in batch {
-        latest.insert(&save.key, &*save.text);
+        latest.insert(&save.key, &save.bytes);
     }
-    let rows: Vec<(&str, &str)> = latest.into_iter().collect();
+    let rows: Vec<(&str, &[u8])> = latest.into_iter().collect();
     let now = now_ms();
     const INSERT: &str = "INSERT INTO user_state (user_key, state, updated_at) ";
     const UPSERT: &str = " ON CONFLICT (user_key) DO UPDATE \
@@ -214,8 +214,8 @@ async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
             let mut tx = $pool.begin().await?;
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::<$db>::new(INSERT);
-                query.push_values(chunk, |mut row, (key, text)| {
-                    row.push_bind(*key).push_bind(*text).push_bind(now);
+                query.push_values(chunk, |mut row, (key, bytes)| {
+                    row.push_bind(*key).push_bind(*bytes).push_bind(now);
                 });
                 query.push(UPSERT);
                 query.build().persistent(false).execute(&mut *tx).await?;

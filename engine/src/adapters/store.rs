@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use actors::ports::{BoxFuture, DeadLetter, StateStore};
+use actors::state_codec;
 use actors::sync::SyncState;
 use actors::PortError;
 use bytes::Bytes;
@@ -150,18 +151,18 @@ impl SqlStore {
 
     pub async fn load(&self, key: &UserKey) -> Result<Option<SyncState>, sqlx::Error> {
         const SQL: &str = "SELECT state FROM user_state WHERE user_key = $1";
-        fn decode(text: &str) -> Result<Option<SyncState>, sqlx::Error> {
-            serde_json::from_str(text)
+        fn decode(bytes: &[u8]) -> Result<Option<SyncState>, sqlx::Error> {
+            state_codec::decode(bytes)
                 .map(Some)
                 .map_err(|e| sqlx::Error::Decode(Box::new(e)))
         }
         if let Some(queued) = self.writer.pending(key.as_str()) {
             return decode(&queued);
         }
-        let text: Option<String> = on_pool!(self, pool => {
+        let stored: Option<Vec<u8>> = on_pool!(self, pool => {
             sqlx::query_scalar(SQL).bind(key.as_str()).fetch_optional(pool).await?
         });
-        text.as_deref().map_or(Ok(None), decode)
+        stored.as_deref().map_or(Ok(None), decode)
     }
 
     /// Queues the state for the writer now; the future resolves once it is committed
@@ -171,9 +172,9 @@ impl SqlStore {
         key: &UserKey,
         state: &SyncState,
     ) -> impl std::future::Future<Output = Result<(), PortError>> + Send + 'static {
-        let queued = serde_json::to_string(state)
+        let queued = state_codec::encode(state)
             .map_err(|e| format!("cannot encode state: {e}"))
-            .map(|text| self.writer.save(key.as_str(), text));
+            .map(|bytes| self.writer.save(key.as_str(), bytes));
         async move {
             match queued {
                 Ok(committed) => committed.await,
