@@ -93,7 +93,10 @@ mod tests {
     #[test]
     fn damaged_states_are_errors_not_panics() {
         assert!(matches!(decode(b""), Err(DecodeError::Empty)));
-        assert!(matches!(decode(b"\x07abc"), Err(DecodeError::UnknownFormat(7))));
+        assert!(matches!(
+            decode(b"\x07abc"),
+            Err(DecodeError::UnknownFormat(7))
+        ));
         // Claims 4 GiB.
         assert!(matches!(
             decode(b"\x01\xff\xff\xff\xffxyz"),

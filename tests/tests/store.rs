@@ -209,3 +209,74 @@ async fn postgres_saves_keep_their_order() {
     saves_keep_their_order(SqlStore::connect(&url).await.expect("open postgres")).await;
     drop_postgres(&name).await;
 }
+
+/// A store that a version keeping states as JSON text wrote (`0001_init.sql` only, one user's
+/// state as text, left by `write_as_before`): opening it migrates it, and the state still
+/// loads, and loads again once saved in the new form.
+async fn json_states_of_an_earlier_version_still_load<F>(url: &str, write_as_before: F)
+where
+    F: std::future::Future<Output = ()>,
+{
+    write_as_before.await;
+    let state = sample_state();
+    let store = SqlStore::connect(url).await.expect("open and migrate");
+    let key = UserKey::new("u1");
+    assert_eq!(
+        store.load_user(&key).await.expect("load"),
+        Some(state.clone())
+    );
+    store.save_user(&key, &state).await.expect("save");
+    let again = SqlStore::connect(url).await.expect("reopen");
+    assert_eq!(again.load_user(&key).await.expect("load"), Some(state));
+}
+
+const INSERT_AS_TEXT: &str =
+    "INSERT INTO user_state (user_key, state, updated_at) VALUES ('u1', $1, 1)";
+
+#[tokio::test]
+async fn sqlite_json_states_of_earlier_versions_still_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/sync.db?mode=rwc", dir.path().display());
+    let before = async {
+        let mut old = sqlx::SqliteConnection::connect(&url)
+            .await
+            .expect("open as before");
+        sqlx::raw_sql(include_str!("../../engine/migrations/sqlite/0001_init.sql"))
+            .execute(&mut old)
+            .await
+            .expect("earlier schema");
+        let json = serde_json::to_string(&sample_state()).expect("encode");
+        sqlx::query(INSERT_AS_TEXT)
+            .bind(json)
+            .execute(&mut old)
+            .await
+            .expect("a JSON state, as text");
+        old.close().await.expect("close");
+    };
+    json_states_of_an_earlier_version_still_load(&url, before).await;
+}
+
+#[tokio::test]
+async fn postgres_json_states_of_earlier_versions_still_load() {
+    let (name, url) = fresh_postgres().await;
+    let before = async {
+        let mut old = sqlx::PgConnection::connect(&url)
+            .await
+            .expect("open as before");
+        sqlx::raw_sql(include_str!(
+            "../../engine/migrations/postgres/0001_init.sql"
+        ))
+        .execute(&mut old)
+        .await
+        .expect("earlier schema");
+        let json = serde_json::to_string(&sample_state()).expect("encode");
+        sqlx::query(INSERT_AS_TEXT)
+            .bind(json)
+            .execute(&mut old)
+            .await
+            .expect("a JSON state, as text");
+        old.close().await.expect("close");
+    };
+    json_states_of_an_earlier_version_still_load(&url, before).await;
+    drop_postgres(&name).await;
+}
