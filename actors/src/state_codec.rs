@@ -83,6 +83,30 @@ mod tests {
     }
 
     #[test]
+    fn fields_are_written_as_their_own_json_each_time() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::sync::Known;
+        let map: protocol::user::CanonicalFields = [
+            ("id".to_string(), serde_json::json!("u1")),
+            (
+                "name".to_string(),
+                serde_json::json!("Ada \"the\" Countess"),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let plain = format!(
+            r#"{{"kind":"holds","fields":{}}}"#,
+            serde_json::to_string(&map)?
+        );
+        let known = Known::holds(map);
+        // The first write makes the text, the second reuses it: both as the map's own.
+        assert_eq!(serde_json::to_string(&known)?, plain);
+        assert_eq!(serde_json::to_string(&known)?, plain);
+        assert_eq!(serde_json::from_str::<Known>(&plain)?, known);
+        Ok(())
+    }
+
+    #[test]
     fn plain_json_of_earlier_versions_still_loads() -> Result<(), Box<dyn std::error::Error>> {
         let state = a_state();
         let json = serde_json::to_vec(&state)?;

@@ -46,7 +46,7 @@ fn sample_state() -> SyncState {
     state
         .record
         .merge("e1", Origin::BetterAuth, EventType::Created, 10, &fields);
-    state.payload.known = Known::Holds(std::sync::Arc::new(fields));
+    state.payload.known = Known::holds(fields);
     state.payload.last_delivery_ms = Some(99);
     state
 }
