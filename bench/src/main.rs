@@ -85,10 +85,12 @@ fn main() -> anyhow::Result<()> {
 
 fn limits_lines(name: &str, report: &Report, limits: &Limits) -> String {
     format!(
-        "- {name}: raw NATS consume {:.0} msg/s; raw HTTP POST {:.0} req/s; engine ÷ raw HTTP = {:.0} %\n",
+        "- {name}: raw NATS consume {:.0} msg/s; raw HTTP POST {:.0} req/s; stateless forwarder {:.0} msg/s; engine ÷ raw HTTP = {:.0} %; engine ÷ forwarder = {:.0} %\n",
         limits.nats_consume_per_sec,
         limits.http_post_per_sec,
-        100.0 * report.events_per_sec / limits.http_post_per_sec
+        limits.forward_per_sec,
+        100.0 * report.events_per_sec / limits.http_post_per_sec,
+        100.0 * report.events_per_sec / limits.forward_per_sec
     )
 }
 
@@ -196,12 +198,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.payload_bytes,
             )
             .await;
+            let forward = scenario::forward_rate(
+                &js,
+                &setup.stream,
+                receiver.addr,
+                &tracker,
+                workload.events().min(200_000),
+                cli.max_concurrency,
+            )
+            .await;
             setup.cleanup(&js).await;
             println!(
-                "- publish (JetStream, acks pipelined): {:.0} msg/s\n- raw NATS consume: {:.0} msg/s\n- raw HTTP POST: {:.0} req/s",
+                "- publish (JetStream, acks pipelined): {:.0} msg/s\n- raw NATS consume: {:.0} msg/s\n- raw HTTP POST: {:.0} req/s\n- stateless forwarder (consume, sign, POST, ack): {:.0} msg/s",
                 workload.events() as f64 / secs,
                 nats?,
-                http?
+                http?,
+                forward?
             );
             return Ok(());
         }

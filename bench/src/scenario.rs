@@ -33,6 +33,8 @@ pub struct Options {
 pub struct Limits {
     pub nats_consume_per_sec: f64,
     pub http_post_per_sec: f64,
+    /// A stateless forwarder's rate ([`forward_rate`]): the two limits in one process.
+    pub forward_per_sec: f64,
 }
 
 /// One scenario's world, from the receiver to the engine.
@@ -303,9 +305,19 @@ async fn drain_in(
             options.payload_bytes,
         )
         .await?;
+        let forward = forward_rate(
+            &world.js,
+            &world.setup.stream,
+            world.receiver.addr,
+            &world.tracker,
+            events.min(200_000),
+            options.config.max_concurrency,
+        )
+        .await?;
         Some(Limits {
             nats_consume_per_sec: nats,
             http_post_per_sec: http,
+            forward_per_sec: forward,
         })
     } else {
         None
@@ -462,6 +474,92 @@ pub async fn http_post_rate(
     anyhow::ensure!(
         received as usize == count,
         "receiver verified {received} of {count}"
+    );
+    Ok(count as f64 / secs)
+}
+
+/// A stateless forwarder, the floor under any engine on this machine: a durable pull consumer
+/// on `stream` (batches of 256, like the engine), each message's body signed as a webhook at
+/// send time and POSTed to the receiver's `/raw` (keep-alive, `concurrency` in flight), and
+/// acknowledged once answered 2xx. No dedup, no state, no per-user order, nothing saved:
+/// messages/s over `count` messages.
+pub async fn forward_rate(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    receiver: std::net::SocketAddr,
+    tracker: &Tracker,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<f64> {
+    use async_nats::jetstream::consumer::pull;
+    let keyring = Arc::new(crate::receiver::keyring()?);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .context("HTTP client")?;
+    let url = format!("http://{receiver}/raw");
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("get stream: {e}"))?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("bench-forward".to_string()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(i64::MAX),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("create consumer: {e}"))?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+    let before = tracker.raw.load(Relaxed);
+    let start = Instant::now();
+    let forwarded = messages.take(count).enumerate().map(|(k, message)| {
+        let client = client.clone();
+        let keyring = keyring.clone();
+        let url = url.clone();
+        async move {
+            let message = message.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+            let id = format!("fwd_{k}");
+            let ts = crate::publisher::now_ms() / 1000;
+            let signature = keyring.sign_standard(&id, ts, &message.payload);
+            let answer = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signature)
+                .body(message.payload.clone())
+                .send()
+                .await
+                .context("forward POST")?;
+            anyhow::ensure!(answer.status().is_success(), "forward POST: {}", answer.status());
+            message
+                .ack()
+                .await
+                .map_err(|e| anyhow::anyhow!("ack: {e}"))
+        }
+    });
+    let failures = tokio::time::timeout(
+        Duration::from_secs(120),
+        forwarded
+            .buffer_unordered(concurrency.max(1))
+            .filter(|result| futures::future::ready(result.is_err()))
+            .count(),
+    )
+    .await
+    .context("forwarder: not done in 120 s")?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(failures == 0, "{failures} forwarded messages failed");
+    let received = tracker.raw.load(Relaxed) - before;
+    anyhow::ensure!(
+        received as usize == count,
+        "receiver verified {received} of {count} forwarded"
     );
     Ok(count as f64 / secs)
 }
