@@ -66,9 +66,11 @@ mod tests {
     use super::*;
 
     fn a_state() -> SyncState {
-        let mut state = SyncState::default();
-        state.sent_ts_ms = 1_700_000_000_000;
-        state.resends = 3;
+        let mut state = SyncState {
+            sent_ts_ms: 1_700_000_000_000,
+            resends: 3,
+            ..SyncState::default()
+        };
         state.unsettled.push_back("evt_1".into());
         state
     }

@@ -538,11 +538,12 @@ pub async fn forward_rate(
                 .send()
                 .await
                 .context("forward POST")?;
-            anyhow::ensure!(answer.status().is_success(), "forward POST: {}", answer.status());
-            message
-                .ack()
-                .await
-                .map_err(|e| anyhow::anyhow!("ack: {e}"))
+            anyhow::ensure!(
+                answer.status().is_success(),
+                "forward POST: {}",
+                answer.status()
+            );
+            message.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))
         }
     });
     let failures = tokio::time::timeout(
