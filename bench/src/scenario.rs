@@ -384,25 +384,7 @@ pub async fn nats_consume_rate(
     stream: &str,
     count: usize,
 ) -> anyhow::Result<f64> {
-    use async_nats::jetstream::consumer::pull;
-    let stream = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("get stream: {e}"))?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("bench-raw".to_string()),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("create consumer: {e}"))?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(256)
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+    let mut messages = pull_from_start(js, stream, "bench-raw", None).await?;
     let start = Instant::now();
     let mut n = 0;
     while n < count {
@@ -429,12 +411,7 @@ pub async fn http_post_rate(
     concurrency: usize,
     payload_bytes: usize,
 ) -> anyhow::Result<f64> {
-    let keyring = Arc::new(crate::receiver::keyring()?);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .context("HTTP client")?;
-    let url = format!("http://{receiver}/raw");
+    let (client, keyring, url) = raw_target(receiver, concurrency)?;
     let pad = "x".repeat(payload_bytes.saturating_sub(170));
     let before = tracker.raw.load(Relaxed);
     let start = Instant::now();
@@ -449,33 +426,22 @@ pub async fn http_post_rate(
                 crate::publisher::now_ms()
             );
             async move {
-                let ts = crate::publisher::now_ms() / 1000;
-                let signature = keyring.sign_standard(&id, ts, body.as_bytes());
-                client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("webhook-id", &id)
-                    .header("webhook-timestamp", ts.to_string())
-                    .header("webhook-signature", signature)
-                    .body(body)
-                    .send()
+                post_signed(&client, &keyring, &url, &id, body)
                     .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false)
+                    .is_ok_and(|status| status.is_success())
             }
         })
         .buffer_unordered(concurrency.max(1))
         .filter(|ok| futures::future::ready(!ok))
         .count()
         .await;
-    let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(failures == 0, "{failures} raw POSTs failed");
-    let received = tracker.raw.load(Relaxed) - before;
-    anyhow::ensure!(
-        received as usize == count,
-        "receiver verified {received} of {count}"
-    );
-    Ok(count as f64 / secs)
+    verified_rate(
+        "raw POSTs",
+        failures,
+        tracker.raw.load(Relaxed) - before,
+        count,
+        start,
+    )
 }
 
 /// A stateless forwarder, the floor under any engine on this machine: a durable pull consumer
@@ -491,32 +457,9 @@ pub async fn forward_rate(
     count: usize,
     concurrency: usize,
 ) -> anyhow::Result<f64> {
-    use async_nats::jetstream::consumer::pull;
-    let keyring = Arc::new(crate::receiver::keyring()?);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .context("HTTP client")?;
-    let url = format!("http://{receiver}/raw");
-    let stream = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("get stream: {e}"))?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some("bench-forward".to_string()),
-            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-            max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(i64::MAX),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("create consumer: {e}"))?;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(256)
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("pull: {e}"))?;
+    let (client, keyring, url) = raw_target(receiver, concurrency)?;
+    let max_ack_pending = i64::try_from(concurrency * 4).unwrap_or(i64::MAX);
+    let messages = pull_from_start(js, stream, "bench-forward", Some(max_ack_pending)).await?;
     let before = tracker.raw.load(Relaxed);
     let start = Instant::now();
     let forwarded = messages.take(count).enumerate().map(|(k, message)| {
@@ -526,23 +469,10 @@ pub async fn forward_rate(
         async move {
             let message = message.map_err(|e| anyhow::anyhow!("pull: {e}"))?;
             let id = format!("fwd_{k}");
-            let ts = crate::publisher::now_ms() / 1000;
-            let signature = keyring.sign_standard(&id, ts, &message.payload);
-            let answer = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("webhook-id", &id)
-                .header("webhook-timestamp", ts.to_string())
-                .header("webhook-signature", signature)
-                .body(message.payload.clone())
-                .send()
+            let status = post_signed(&client, &keyring, &url, &id, message.payload.clone())
                 .await
                 .context("forward POST")?;
-            anyhow::ensure!(
-                answer.status().is_success(),
-                "forward POST: {}",
-                answer.status()
-            );
+            anyhow::ensure!(status.is_success(), "forward POST: {status}");
             message.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))
         }
     });
@@ -555,12 +485,98 @@ pub async fn forward_rate(
     )
     .await
     .context("forwarder: not done in 120 s")?;
+    verified_rate(
+        "forwarded messages",
+        failures,
+        tracker.raw.load(Relaxed) - before,
+        count,
+        start,
+    )
+}
+
+/// A durable pull consumer on `stream` from its first message, read in batches of 256 like
+/// the engine's.
+async fn pull_from_start(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    durable: &str,
+    max_ack_pending: Option<i64>,
+) -> anyhow::Result<async_nats::jetstream::consumer::pull::Stream> {
+    use async_nats::jetstream::consumer::pull;
+    let stream = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("get stream: {e}"))?;
+    let mut config = pull::Config {
+        durable_name: Some(durable.to_string()),
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    if let Some(max) = max_ack_pending {
+        config.max_ack_pending = max;
+    }
+    let consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("create consumer: {e}"))?;
+    consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("pull: {e}"))
+}
+
+/// The receiver's `/raw`, with a keep-alive client for `concurrency` requests and the bench's
+/// signing keys.
+fn raw_target(
+    receiver: std::net::SocketAddr,
+    concurrency: usize,
+) -> anyhow::Result<(reqwest::Client, Arc<protocol::signing::Keyring>, String)> {
+    let keyring = Arc::new(crate::receiver::keyring()?);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .context("HTTP client")?;
+    Ok((client, keyring, format!("http://{receiver}/raw")))
+}
+
+/// POSTs `body` as webhook `id`, signed now, as the engine signs at send time.
+async fn post_signed(
+    client: &reqwest::Client,
+    keyring: &protocol::signing::Keyring,
+    url: &str,
+    id: &str,
+    body: impl Into<reqwest::Body> + AsRef<[u8]>,
+) -> Result<reqwest::StatusCode, reqwest::Error> {
+    let ts = crate::publisher::now_ms() / 1000;
+    let signature = keyring.sign_standard(id, ts, body.as_ref());
+    let answer = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await?;
+    Ok(answer.status())
+}
+
+/// `count` per second since `start`, provided none of them failed and the receiver verified
+/// every one (`received`).
+fn verified_rate(
+    what: &str,
+    failures: usize,
+    received: u64,
+    count: usize,
+    start: Instant,
+) -> anyhow::Result<f64> {
     let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(failures == 0, "{failures} forwarded messages failed");
-    let received = tracker.raw.load(Relaxed) - before;
+    anyhow::ensure!(failures == 0, "{failures} {what} failed");
     anyhow::ensure!(
         received as usize == count,
-        "receiver verified {received} of {count} forwarded"
+        "receiver verified {received} of {count} {what}"
     );
     Ok(count as f64 / secs)
 }

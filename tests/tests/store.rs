@@ -230,53 +230,49 @@ where
     assert_eq!(again.load_user(&key).await.expect("load"), Some(state));
 }
 
-const INSERT_AS_TEXT: &str =
-    "INSERT INTO user_state (user_key, state, updated_at) VALUES ('u1', $1, 1)";
+/// Writes the store as a version that kept states as JSON text would have: its first
+/// migration only, and `sample_state()` as text for user `u1`.
+macro_rules! write_as_before {
+    ($connection:ty, $url:expr, $schema:expr) => {
+        async {
+            let mut old = <$connection>::connect($url).await.expect("open as before");
+            sqlx::raw_sql($schema)
+                .execute(&mut old)
+                .await
+                .expect("earlier schema");
+            let json = serde_json::to_string(&sample_state()).expect("encode");
+            sqlx::query(
+                "INSERT INTO user_state (user_key, state, updated_at) VALUES ('u1', $1, 1)",
+            )
+            .bind(json)
+            .execute(&mut old)
+            .await
+            .expect("a JSON state, as text");
+            old.close().await.expect("close");
+        }
+    };
+}
 
 #[tokio::test]
 async fn sqlite_json_states_of_earlier_versions_still_load() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}/sync.db?mode=rwc", dir.path().display());
-    let before = async {
-        let mut old = sqlx::SqliteConnection::connect(&url)
-            .await
-            .expect("open as before");
-        sqlx::raw_sql(include_str!("../../engine/migrations/sqlite/0001_init.sql"))
-            .execute(&mut old)
-            .await
-            .expect("earlier schema");
-        let json = serde_json::to_string(&sample_state()).expect("encode");
-        sqlx::query(INSERT_AS_TEXT)
-            .bind(json)
-            .execute(&mut old)
-            .await
-            .expect("a JSON state, as text");
-        old.close().await.expect("close");
-    };
+    let before = write_as_before!(
+        sqlx::SqliteConnection,
+        &url,
+        include_str!("../../engine/migrations/sqlite/0001_init.sql")
+    );
     json_states_of_an_earlier_version_still_load(&url, before).await;
 }
 
 #[tokio::test]
 async fn postgres_json_states_of_earlier_versions_still_load() {
     let (name, url) = fresh_postgres().await;
-    let before = async {
-        let mut old = sqlx::PgConnection::connect(&url)
-            .await
-            .expect("open as before");
-        sqlx::raw_sql(include_str!(
-            "../../engine/migrations/postgres/0001_init.sql"
-        ))
-        .execute(&mut old)
-        .await
-        .expect("earlier schema");
-        let json = serde_json::to_string(&sample_state()).expect("encode");
-        sqlx::query(INSERT_AS_TEXT)
-            .bind(json)
-            .execute(&mut old)
-            .await
-            .expect("a JSON state, as text");
-        old.close().await.expect("close");
-    };
+    let before = write_as_before!(
+        sqlx::PgConnection,
+        &url,
+        include_str!("../../engine/migrations/postgres/0001_init.sql")
+    );
     json_states_of_an_earlier_version_still_load(&url, before).await;
     drop_postgres(&name).await;
 }
