@@ -1,17 +1,31 @@
 //! The Redis dedup store, shared by several engines: one key per id and sink,
 //! `<prefix>:<sink>:<id>`, each with its own expiry (never one shared set).
+//!
+//! Marks are group-committed: every user actor marks its own message's id once the message
+//! is done, thousands a second, so one task sends every mark waiting at a moment as one
+//! pipeline instead of one round trip each.
 
 use std::time::Duration;
 
 use actors::ports::{BoxFuture, DedupStore};
 use actors::{PortError, Sink};
 use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+
+/// Keys set by one pipeline at most, so a huge backlog still goes out in steps.
+const MARKS_PER_PIPELINE: usize = 4_096;
 
 #[derive(Clone)]
 pub struct RedisDedup {
     connection: ConnectionManager,
     prefix: String,
-    ttl_ms: u64,
+    marks: mpsc::UnboundedSender<Mark>,
+}
+
+/// Keys to set, and who waits for them.
+struct Mark {
+    keys: Vec<String>,
+    done: oneshot::Sender<Result<(), String>>,
 }
 
 impl std::fmt::Debug for RedisDedup {
@@ -29,10 +43,13 @@ impl RedisDedup {
         let connection = ConnectionManager::new(client)
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to Redis for deduplication: {e}"))?;
+        let (marks, waiting) = mpsc::unbounded_channel();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        tokio::spawn(write_marks(connection.clone(), ttl_ms, waiting));
         Ok(RedisDedup {
             connection,
             prefix: prefix.to_string(),
-            ttl_ms: ttl.as_millis().max(1) as u64,
+            marks,
         })
     }
 
@@ -76,20 +93,44 @@ impl DedupStore for RedisDedup {
             if ids.is_empty() {
                 return Ok(());
             }
-            let mut pipe = redis::pipe();
-            for id in ids {
-                pipe.cmd("SET")
-                    .arg(self.key(sink, id))
-                    .arg(1)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(self.ttl_ms)
-                    .ignore();
-            }
-            let mut connection = self.connection.clone();
-            pipe.query_async::<()>(&mut connection)
+            let (done, written) = oneshot::channel();
+            let keys = ids.iter().map(|id| self.key(sink, id)).collect();
+            self.marks
+                .send(Mark { keys, done })
+                .map_err(|_| PortError::unavailable("redis", "the mark writer stopped"))?;
+            written
                 .await
+                .unwrap_or_else(|_| Err("the mark writer stopped".into()))
                 .map_err(|e| PortError::unavailable("redis", e))
         })
+    }
+}
+
+/// Sets the keys of every mark waiting, one pipeline at a time, until the last handle is
+/// dropped. A failed pipeline fails every mark in it (their messages are handed back).
+async fn write_marks(
+    mut connection: ConnectionManager,
+    ttl_ms: u64,
+    mut waiting: mpsc::UnboundedReceiver<Mark>,
+) {
+    let mut batch = Vec::new();
+    while waiting.recv_many(&mut batch, MARKS_PER_PIPELINE).await > 0 {
+        let mut pipe = redis::pipe();
+        for key in batch.iter().flat_map(|mark| &mark.keys) {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .ignore();
+        }
+        let result = pipe
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| e.to_string());
+        for mark in batch.drain(..) {
+            let _ = mark.done.send(result.clone());
+        }
     }
 }
