@@ -50,7 +50,8 @@ pub fn decode(bytes: &[u8]) -> Result<SyncState, DecodeError> {
         Some(&LZ4_JSON) => {
             let (size, block) = lz4_flex::block::uncompressed_size(&bytes[1..])
                 .map_err(|e| DecodeError::Lz4(e.to_string()))?;
-            if size > DECODED_MAX {
+            // LZ4 expands at most about 255:1, so a larger claim is corruption, not a state.
+            if size > DECODED_MAX || size > block.len().saturating_mul(255).saturating_add(16) {
                 return Err(DecodeError::TooLarge(size));
             }
             let json = lz4_flex::block::decompress(block, size)

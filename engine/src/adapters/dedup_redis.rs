@@ -12,7 +12,7 @@ use actors::{PortError, Sink};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
-/// Keys set by one pipeline at most, so a huge backlog still goes out in steps.
+/// Marks sent by one pipeline at most, so a huge backlog still goes out in steps.
 const MARKS_PER_PIPELINE: usize = 4_096;
 
 #[derive(Clone)]
@@ -57,8 +57,11 @@ impl RedisDedup {
         format!("{}:{}:{id}", self.prefix, sink.as_str())
     }
 
-    /// Answers when Redis does (readiness).
+    /// Answers when Redis does and marks can be written (readiness).
     pub async fn ping(&self) -> bool {
+        if self.marks.is_closed() {
+            return false;
+        }
         let mut connection = self.connection.clone();
         redis::cmd("PING")
             .query_async::<String>(&mut connection)
