@@ -208,6 +208,17 @@ pub trait StateStore: Send + Sync + 'static {
         key: &UserKey,
         state: &SyncState,
     ) -> BoxFuture<'static, Result<(), PortError>>;
+    /// [`save_user`](Self::save_user), for a caller that holds the state in its stored form
+    /// ([`crate::state_codec`]) already: a store that keeps that form takes it instead of
+    /// encoding the state again.
+    fn save_user_encoded(
+        &self,
+        key: &UserKey,
+        state: &SyncState,
+        _stored: &Arc<[u8]>,
+    ) -> BoxFuture<'static, Result<(), PortError>> {
+        self.save_user(key, state)
+    }
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>>;
 }
 

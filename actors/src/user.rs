@@ -403,13 +403,26 @@ async fn handle_message(
                 let linger = linger(state);
                 let idle_for = state.last_activity.elapsed();
                 if idle_for >= linger {
+                    // One encoding serves both the last save and the parked copy.
+                    let parking = state.args.settings.idle_cache_bytes > 0;
+                    let stored = if state.dirty || parking {
+                        encode(state)
+                    } else {
+                        None
+                    };
                     if state.dirty {
                         // Queued, not awaited: the store serves it to readers from the queue
                         // (a next actor loads it), and losing it in a crash repeats one
                         // delivery, as with any lazily saved acceptance. Waiting for the
                         // commit would keep thousands of idle actors alive for nothing.
                         if let Some(sync) = &state.sync {
-                            drop(state.args.ports.store.save_user(&state.args.key, sync));
+                            let store = &state.args.ports.store;
+                            drop(match &stored {
+                                Some(bytes) => {
+                                    store.save_user_encoded(&state.args.key, sync, bytes)
+                                }
+                                None => store.save_user(&state.args.key, sync),
+                            });
                         }
                         state.dirty = false;
                     }
@@ -418,7 +431,7 @@ async fn handle_message(
                         key: state.args.key.clone(),
                         actor: myself.get_id(),
                         received: state.received,
-                        parked: park(state),
+                        parked: stored.filter(|_| parking),
                     });
                 } else {
                     state.idle_armed = true;
@@ -458,18 +471,15 @@ fn linger(state: &UserState) -> Duration {
     guess.min(state.args.settings.user_idle_timeout)
 }
 
-/// The state to leave with the router, serialized: the store has it, committed or queued
-/// (nothing is dirty or being saved when the actor is idle), so losing it costs only a store
-/// read.
-fn park(state: &UserState) -> Option<ParkedState> {
-    if state.args.settings.idle_cache_bytes == 0 {
-        return None;
-    }
+/// The state in its stored form, for the last save and the router's parked copy (nothing is
+/// being saved when the actor is idle, so the store has this state, committed or queued, and
+/// losing the parked copy costs only a store read).
+fn encode(state: &UserState) -> Option<ParkedState> {
     let sync = state.sync.as_ref()?;
     match crate::state_codec::encode(sync) {
         Ok(bytes) => Some(bytes.into()),
         Err(error) => {
-            tracing::warn!(message = "Could not park an idle user's state; it stays in the store only.", user = %state.args.key, %error);
+            tracing::warn!(message = "Could not encode an idle user's state; it is saved the usual way and not parked.", user = %state.args.key, %error);
             None
         }
     }

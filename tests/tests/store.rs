@@ -63,6 +63,17 @@ async fn state_store_contract(store: SqlStore) {
     // Saving again replaces the row.
     state.record.deleted_at = Some(20);
     store.save_user(&key, &state).await.expect("save again");
+    assert_eq!(
+        store.load_user(&key).await.expect("load"),
+        Some(state.clone())
+    );
+    // A state handed over already encoded (an idle actor's last save) is the same row.
+    state.record.deleted_at = Some(30);
+    let stored = std::sync::Arc::from(actors::state_codec::encode(&state).expect("encode"));
+    store
+        .save_user_encoded(&key, &state, &stored)
+        .await
+        .expect("save encoded");
     assert_eq!(store.load_user(&key).await.expect("load"), Some(state));
     assert_eq!(
         store.load_user(&UserKey::new("other")).await.expect("load"),

@@ -112,7 +112,7 @@ impl StateWriter {
     pub fn save(
         &self,
         key: &str,
-        bytes: Vec<u8>,
+        bytes: impl Into<Arc<[u8]>>,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
         let (done, committed) = oneshot::channel();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);

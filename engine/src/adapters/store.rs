@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actors::ports::{BoxFuture, DeadLetter, StateStore};
@@ -184,6 +185,20 @@ impl SqlStore {
         }
     }
 
+    /// [`SqlStore::save`] of a state already in its stored form.
+    pub fn save_encoded(
+        &self,
+        key: &UserKey,
+        stored: &Arc<[u8]>,
+    ) -> impl std::future::Future<Output = Result<(), PortError>> + Send + 'static {
+        let committed = self.writer.save(key.as_str(), stored.clone());
+        async move {
+            committed
+                .await
+                .map_err(|e| PortError::unavailable("store", e))
+        }
+    }
+
     pub async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, sqlx::Error> {
         const SQL: &str = "INSERT INTO dead_letters \
                            (subject, raw, reason, event_id, sink, attempts, last_error, received_at) \
@@ -261,6 +276,15 @@ impl StateStore for SqlStore {
         state: &SyncState,
     ) -> BoxFuture<'static, Result<(), PortError>> {
         Box::pin(self.save(key, state))
+    }
+
+    fn save_user_encoded(
+        &self,
+        key: &UserKey,
+        _state: &SyncState,
+        stored: &Arc<[u8]>,
+    ) -> BoxFuture<'static, Result<(), PortError>> {
+        Box::pin(self.save_encoded(key, stored))
     }
 
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>> {
