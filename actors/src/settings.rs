@@ -92,6 +92,15 @@ impl PipelineSettings {
         }
     }
 
+    /// Deliveries that may be in flight at once: every enabled target's `max_concurrency`.
+    pub fn delivery_slots(&self) -> usize {
+        Origin::ALL
+            .iter()
+            .filter_map(|side| self.target(*side))
+            .map(|target| target.max_concurrency)
+            .sum()
+    }
+
     /// How often held messages are kept alive at the source.
     pub fn progress_interval(&self) -> Duration {
         (self.ack_wait / 3).max(Duration::from_millis(100))

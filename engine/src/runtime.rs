@@ -47,15 +47,8 @@ pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings
         let keyring = secrets.target(side)?.clone();
         target.enabled.then(|| target_settings(target, keyring))
     };
-    let payload = target(Origin::Payload);
-    let better_auth = target(Origin::BetterAuth);
-    let slots: usize = [&payload, &better_auth]
-        .into_iter()
-        .flatten()
-        .map(|t| t.max_concurrency)
-        .sum();
-    PipelineSettings {
-        max_in_flight: effective_in_flight(config.engine.max_in_flight, slots),
+    let mut settings = PipelineSettings {
+        max_in_flight: config.engine.max_in_flight,
         user_idle_timeout: config.engine.user_idle_timeout,
         idle_cache_bytes: config.engine.idle_state_cache_mb << 20,
         ack_wait: config.nats.ack_wait,
@@ -66,10 +59,12 @@ pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings
             clock_skew_ms: config.engine.clock_skew.as_millis() as i64,
             faults: Faults::default(),
         },
-        payload,
-        better_auth,
+        payload: target(Origin::Payload),
+        better_auth: target(Origin::BetterAuth),
         faults: actors::settings::EngineFaults::default(),
-    }
+    };
+    settings.max_in_flight = effective_in_flight(settings.max_in_flight, settings.delivery_slots());
+    settings
 }
 
 fn target_settings(target: &TargetConfig, keyring: protocol::signing::Keyring) -> TargetSettings {
@@ -195,11 +190,7 @@ pub async fn run(
     // Both targets may be one host (one pool in reqwest): its idle connections must cover
     // every slot of both, or each request past the smaller bound closes its connection after
     // use and the next opens a new one (a drain opened a connection per four requests).
-    let idle_connections = [Origin::Payload, Origin::BetterAuth]
-        .iter()
-        .filter_map(|s| settings.target(*s).map(|t| t.max_concurrency))
-        .sum::<usize>()
-        .max(1);
+    let idle_connections = settings.delivery_slots().max(1);
     let ports = Ports {
         clock,
         entropy: Arc::new(OsEntropy::default()),
