@@ -160,6 +160,7 @@ impl Actor for DeliveryActor {
             let response = ports
                 .http
                 .post(HttpRequest {
+                    side: request.side,
                     url: target.url.clone(),
                     headers,
                     body,
@@ -212,6 +213,7 @@ fn render_body(settings: &PipelineSettings, request: &DeliveryRequest) -> Vec<u8
 pub fn status_class(response: &Result<crate::ports::HttpResponse, TransportError>) -> &'static str {
     match response {
         Ok(r) if (200..300).contains(&r.status) => "2xx",
+        Ok(r) if (300..400).contains(&r.status) => "3xx",
         Ok(r) if (400..500).contains(&r.status) => "4xx",
         Ok(_) => "5xx",
         Err(_) => "error",
@@ -225,6 +227,14 @@ pub fn classify(
 ) -> DeliveryOutcome {
     match response {
         Ok(r) if (200..300).contains(&r.status) => DeliveryOutcome::Accepted { at_ms: now_ms },
+        // A redirect is never followed: the signed request goes only to the configured URL.
+        Ok(r) if (300..400).contains(&r.status) => DeliveryOutcome::Permanent {
+            error: format!(
+                "http {}: redirect to {} not followed (deliveries go only to the configured url)",
+                r.status,
+                r.location.as_deref().unwrap_or("(no Location)")
+            ),
+        },
         Ok(r) if matches!(r.status, 408 | 425 | 429) || r.status >= 500 || r.status < 400 => {
             DeliveryOutcome::Transient {
                 error: format!("http {}: {}", r.status, r.body_prefix),
@@ -250,6 +260,7 @@ mod tests {
         Ok(HttpResponse {
             status,
             retry_after: None,
+            location: None,
             body_prefix: String::new(),
         })
     }
@@ -273,7 +284,9 @@ mod tests {
                 "{status}"
             );
         }
-        for status in [400, 401, 403, 404, 409, 410, 422] {
+        for status in [
+            300, 301, 302, 303, 307, 308, 400, 401, 403, 404, 409, 410, 422,
+        ] {
             assert!(
                 matches!(
                     classify(answer(status), 1),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use protocol::UserKey;
+use protocol::{Origin, UserKey};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::PortError;
@@ -237,6 +237,8 @@ pub trait MirrorStore: Send + Sync + 'static {
 /// One HTTP request of a delivery.
 #[derive(Debug, Clone)]
 pub struct HttpRequest {
+    /// The side whose target this goes to: each target has its own client (TLS, pool).
+    pub side: Origin,
     pub url: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Bytes,
@@ -249,6 +251,8 @@ pub struct HttpResponse {
     pub status: u16,
     /// `Retry-After`, when the receiver sent one (seconds or an HTTP date).
     pub retry_after: Option<Duration>,
+    /// `Location`, when the receiver sent one (a redirect, which is never followed).
+    pub location: Option<String>,
     /// The first KiB of the body, for dead letters.
     pub body_prefix: String,
 }

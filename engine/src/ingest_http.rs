@@ -10,16 +10,17 @@
 //! `wrong_origin` when the body's origin is not the endpoint's; `503` with `Retry-After` when
 //! NATS cannot take the event.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actors::stats::Labelled;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures::StreamExt;
 use protocol::signing::{Keyring, SigningScheme};
 use protocol::user::{Event, Mappings};
 use protocol::Origin;
@@ -31,9 +32,13 @@ use crate::config::Config;
 /// How long a request waits for JetStream to store its event before answering 503.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a client may take to send its body: a slow sender must not hold a connection.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct IngestState {
-    pub js: async_nats::jetstream::Context,
+    /// Set once NATS is connected; until then requests get 503 and retry.
+    pub js: Arc<OnceLock<async_nats::jetstream::Context>>,
     pub config: Arc<Config>,
     pub mappings: Arc<Mappings>,
     pub better_auth: Keyring,
@@ -43,8 +48,6 @@ pub struct IngestState {
 
 /// The two endpoints, with their body limit.
 pub fn router(state: IngestState) -> Router {
-    // One byte over the limit is enough to tell "too large"; axum stops reading there.
-    let limit = state.config.ingest.max_body_bytes.saturating_add(1);
     Router::new()
         .route(
             "/ingest/better-auth",
@@ -54,7 +57,6 @@ pub fn router(state: IngestState) -> Router {
             "/ingest/payload",
             post(|state, headers, body| ingest(Origin::Payload, state, headers, body)),
         )
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
@@ -66,36 +68,65 @@ async fn ingest(
     origin: Origin,
     State(state): State<IngestState>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Response {
-    let (result, response) = handle(origin, &state, &headers, body).await;
+    let (result, response) = match read_body(body, state.config.ingest.max_body_bytes).await {
+        Ok(body) => handle(origin, &state, &headers, body).await,
+        Err(unread) => unread.answer(),
+    };
     state.requests.add(&[origin.as_str(), result]);
     response
+}
+
+/// Why a body was not read.
+enum Unread {
+    TooLarge,
+    Broken,
+    TooSlow,
+}
+
+impl Unread {
+    fn answer(self) -> (&'static str, Response) {
+        match self {
+            Unread::TooLarge => (
+                "too_large",
+                answer(StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ),
+            Unread::Broken => ("invalid", answer(StatusCode::BAD_REQUEST, "invalid_body")),
+            Unread::TooSlow => (
+                "invalid",
+                answer(StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            ),
+        }
+    }
+}
+
+/// The body, read within [`BODY_READ_TIMEOUT`] and at most `max` bytes: reading stops at the
+/// first byte past the limit.
+async fn read_body(body: Body, max: usize) -> Result<Bytes, Unread> {
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|_| Unread::Broken)?;
+            if bytes.len() + chunk.len() > max {
+                return Err(Unread::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes.freeze())
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .unwrap_or(Err(Unread::TooSlow))
 }
 
 async fn handle(
     origin: Origin,
     state: &IngestState,
     headers: &HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Bytes,
 ) -> (&'static str, Response) {
-    let max = state.config.ingest.max_body_bytes;
-    let body = match body {
-        Ok(body) if body.len() <= max => body,
-        Ok(_) => {
-            return (
-                "too_large",
-                answer(StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            )
-        }
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return (
-                "too_large",
-                answer(StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            )
-        }
-        Err(_) => return ("invalid", answer(StatusCode::BAD_REQUEST, "invalid_json")),
-    };
     let keyring = match origin {
         Origin::BetterAuth => &state.better_auth,
         Origin::Payload => &state.payload,
@@ -119,7 +150,10 @@ async fn handle(
     }
     let user = event.key.as_ref().map(|k| k.as_str()).unwrap_or_default();
     let subject = subject_for(&state.config, origin, event.envelope.event_type, user);
-    let stored = publish(&state.js, &subject, &event.envelope.id, body);
+    let Some(js) = state.js.get() else {
+        return ("unavailable", nats_unavailable());
+    };
+    let stored = publish(js, &subject, &event.envelope.id, body);
     match tokio::time::timeout(PUBLISH_TIMEOUT, stored).await {
         Ok(Ok(_)) => (
             "accepted",
@@ -135,13 +169,18 @@ async fn handle(
                 _ => format!("no acknowledgement within {PUBLISH_TIMEOUT:?}"),
             };
             tracing::warn!(message = "Ingest request not stored: NATS unavailable.", origin = %origin, event_id = %event.envelope.id, %error);
-            let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable");
-            response
-                .headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
-            ("unavailable", response)
+            ("unavailable", nats_unavailable())
         }
     }
+}
+
+/// 503 with `Retry-After: 1`: the sender keeps the event and tries again.
+fn nats_unavailable() -> Response {
+    let mut response = answer(StatusCode::SERVICE_UNAVAILABLE, "nats_unavailable");
+    response
+        .headers_mut()
+        .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+    response
 }
 
 /// Checks the request's signature by the configured scheme: Standard Webhooks headers, or

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod ingest_http;
+pub mod redact;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;

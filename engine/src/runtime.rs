@@ -93,13 +93,14 @@ pub async fn run(
     let stats = Arc::new(Stats::default());
     let ready = Arc::new(AtomicBool::new(false));
     let backends = Arc::new(std::sync::OnceLock::new());
-    let nats_client = nats::connect(&config.nats).await?;
+    let nats_slot = Arc::new(std::sync::OnceLock::new());
+    let js_slot = Arc::new(std::sync::OnceLock::new());
     let live = Arc::new(std::sync::OnceLock::new());
     let ingest_requests = Arc::new(Labelled::default());
     let ingest = match (&secrets.ingest_better_auth, &secrets.ingest_payload) {
         (Some(better_auth), Some(payload)) if config.ingest.enabled => {
             Some(ingest_http::router(ingest_http::IngestState {
-                js: async_nats::jetstream::new(nats_client.clone()),
+                js: js_slot.clone(),
                 config: Arc::new(config.clone()),
                 mappings: Arc::new(config.mappings()),
                 better_auth: better_auth.clone(),
@@ -109,12 +110,13 @@ pub async fn run(
         }
         _ => None,
     };
-    let server = server::serve(
-        config.http.listen,
+    // The endpoints come first, so `/readyz` answers 503 while NATS cannot be reached yet.
+    let servers = start_servers(
+        &config,
         ServerState {
             stats: stats.clone(),
             ready: ready.clone(),
-            nats: Some(nats_client.clone()),
+            nats: nats_slot.clone(),
             backends: backends.clone(),
             live: live.clone(),
             ingest_requests,
@@ -122,6 +124,9 @@ pub async fn run(
         ingest,
     )
     .await?;
+    let nats_client = nats::connect_until_up(&config.nats, &secrets.nats).await?;
+    let _ = nats_slot.set(nats_client.clone());
+    let _ = js_slot.set(async_nats::jetstream::new(nats_client.clone()));
 
     let sql = SqlStore::connect(&config.store.url).await?;
     let store = Arc::new(sql.clone());
@@ -137,12 +142,7 @@ pub async fn run(
             None,
         ),
         DedupBackend::Redis => {
-            let redis = RedisDedup::connect(
-                &config.dedup.redis_url,
-                &config.dedup.key_prefix,
-                config.dedup.ttl,
-            )
-            .await?;
+            let redis = RedisDedup::connect(&config.dedup, secrets.redis_password.as_ref()).await?;
             (Arc::new(redis.clone()), Some(redis))
         }
     };
@@ -187,16 +187,12 @@ pub async fn run(
     }
     let settings = Arc::new(pipeline_settings(&config, &secrets));
     let events_held_at_most = settings.max_in_flight;
-    // Both targets may be one host (one pool in reqwest): its idle connections must cover
-    // every slot of both, or each request past the smaller bound closes its connection after
-    // use and the next opens a new one (a drain opened a connection per four requests).
-    let idle_connections = settings.delivery_slots().max(1);
     let ports = Ports {
         clock,
         entropy: Arc::new(OsEntropy::default()),
         dedup,
         store,
-        http: Arc::new(ReqwestTransport::new(idle_connections)?),
+        http: Arc::new(ReqwestTransport::new(&config.targets)?),
         chaos: Arc::new(actors::ports::NoChaos),
     };
     let pipeline = Pipeline::start(PipelineArgs {
@@ -235,9 +231,33 @@ pub async fn run(
     // The user actors are stopped; what they queued without waiting is written before exit.
     writer.flush().await;
     let _ = nats_client.flush().await;
-    server.abort();
+    for server in servers {
+        server.abort();
+    }
     tracing::info!(message = "Stopped.");
     Ok(())
+}
+
+/// The operator's endpoints on `http.listen`, and the ingest on `ingest.listen` when it has an
+/// address of its own (so `/metrics` can stay on loopback while the ingest faces the apps).
+async fn start_servers(
+    config: &Config,
+    state: ServerState,
+    ingest: Option<axum::Router>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut app = server::router(state);
+    let mut servers = Vec::new();
+    match (ingest, config.ingest.listen) {
+        (Some(ingest), Some(listen)) => {
+            let listener = server::bind(listen, "ingest.listen").await?;
+            servers.push(server::serve(listener, ingest));
+        }
+        (Some(ingest), None) => app = app.merge(ingest),
+        (None, _) => {}
+    }
+    let listener = server::bind(config.http.listen, "http.listen").await?;
+    servers.push(server::serve(listener, app));
+    Ok(servers)
 }
 
 /// Messages a previous run held unacknowledged (it crashed) come back only when their ack

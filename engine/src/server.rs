@@ -29,8 +29,8 @@ pub struct ServerState {
     pub stats: Arc<Stats>,
     /// Set once the store, the dedup backend and the consumers are ready.
     pub ready: Arc<AtomicBool>,
-    /// The NATS connection, whose state is checked on every `/readyz`.
-    pub nats: Option<async_nats::Client>,
+    /// The NATS connection once made, whose state is checked on every `/readyz`.
+    pub nats: Arc<OnceLock<async_nats::Client>>,
     /// Set at startup once connected; pinged on every `/readyz`.
     pub backends: Arc<OnceLock<Backends>>,
     /// Set once the pipeline runs: what `/metrics` reads live.
@@ -50,30 +50,48 @@ pub fn router(state: ServerState) -> Router {
         .with_state(state)
 }
 
-/// Binds the listener now (so a taken port fails startup) and serves in the background.
-pub async fn serve(
-    listen: SocketAddr,
-    state: ServerState,
-    ingest: Option<Router>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(listen)
+/// How long a client may take to send a request's headers (or to start its next request on
+/// a kept-alive connection): an idle or slow client must not hold a connection for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds `listen` now, so a taken port fails startup naming `key`.
+pub async fn bind(listen: SocketAddr, key: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on http.listen {listen}: {e}"))?;
-    let mut app = router(state);
-    if let Some(ingest) = ingest {
-        app = app.merge(ingest);
-    }
-    Ok(tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(message = "HTTP server stopped.", %error);
+        .map_err(|e| anyhow::anyhow!("cannot listen on {key} {listen}: {e}"))
+}
+
+/// Serves `app` in the background, HTTP/1.1 with [`HEADER_READ_TIMEOUT`] (the ingest reads
+/// bodies within its own limit).
+pub fn serve(listener: tokio::net::TcpListener, app: Router) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, typically: wait instead of spinning.
+                    tracing::warn!(message = "Cannot accept an HTTP connection.", %error);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = builder.serve_connection(io, service).await;
+            });
         }
-    }))
+    })
 }
 
 async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
     let nats_up = state
         .nats
-        .as_ref()
+        .get()
         .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
     if !state.ready.load(Ordering::Relaxed) || !nats_up {
         return (

@@ -505,6 +505,7 @@ impl HttpTransport for SimTransport {
             let answer = |status: u16, retry_after: Option<Duration>| HttpResponse {
                 status,
                 retry_after,
+                location: None,
                 body_prefix: String::new(),
             };
             match fault {

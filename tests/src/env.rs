@@ -26,7 +26,18 @@ pub struct EnvOptions {
     pub retry_max: &'static str,
     pub ack_wait: &'static str,
     pub user_idle_timeout: &'static str,
+    /// Appended to the file: whole tables of their own (`[mirror]`, `[ingest]`).
     pub extra_toml: String,
+    /// Another NATS than the shared one (with [`TestEnv::with_client`]).
+    pub nats_url: Option<String>,
+    /// Another Redis than the shared one.
+    pub redis_url: Option<String>,
+    /// More keys of the `[nats]`, `[dedup]` and `[targets.payload]` tables.
+    pub nats_toml: String,
+    pub dedup_toml: String,
+    pub payload_toml: String,
+    /// Environment variables the engine gets (the secrets of a test's own servers).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for EnvOptions {
@@ -40,6 +51,12 @@ impl Default for EnvOptions {
             ack_wait: "5s",
             user_idle_timeout: "5m",
             extra_toml: String::new(),
+            nats_url: None,
+            redis_url: None,
+            nats_toml: String::new(),
+            dedup_toml: String::new(),
+            payload_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -60,6 +77,19 @@ impl TestEnv {
     /// Sets up a fresh world whose targets are the two given receiver URLs. Fails loudly when
     /// NATS is not there.
     pub async fn new(payload_url: &str, better_auth_url: &str, options: EnvOptions) -> TestEnv {
+        let client = async_nats::connect(NATS_URL)
+            .await
+            .expect("NATS must run on 127.0.0.1:4222 (scripts/services.sh starts it)");
+        Self::with_client(payload_url, better_auth_url, options, client)
+    }
+
+    /// The same on another NATS (`options.nats_url`), which `client` is connected to.
+    pub fn with_client(
+        payload_url: &str,
+        better_auth_url: &str,
+        options: EnvOptions,
+        client: async_nats::Client,
+    ) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let stream = format!("T_{id}");
         let dir = tempfile::tempdir().expect("temp dir");
@@ -75,7 +105,8 @@ shutdown_grace = "5s"
 user_idle_timeout = "{idle}"
 clock_skew = "500ms"
 [nats]
-url = "{NATS_URL}"
+url = "{nats_url}"
+{nats_toml}
 stream = "{stream}"
 better_auth_subjects = ["t{id}.user.>"]
 payload_subjects = ["t{id}.payload.user.>"]
@@ -83,14 +114,16 @@ durable_prefix = "t{id}"
 ack_wait = "{ack_wait}"
 [dedup]
 backend = "{backend}"
-redis_url = "{REDIS_URL}"
+redis_url = "{redis_url}"
 key_prefix = "t{id}:done"
+{dedup_toml}
 [store]
 url = "{store_url}"
 [targets.payload]
 url = "{payload_url}"
 secret_env = "TEST_PAYLOAD_SECRET"
 timeout = "2s"
+{payload_toml}
 [targets.payload.retry]
 initial = "{initial}"
 max = "{max}"
@@ -120,12 +153,14 @@ level = "info"
             max = options.retry_max,
             attempts = options.max_attempts,
             extra = options.extra_toml,
+            nats_url = options.nats_url.as_deref().unwrap_or(NATS_URL),
+            redis_url = options.redis_url.as_deref().unwrap_or(REDIS_URL),
+            nats_toml = options.nats_toml,
+            dedup_toml = options.dedup_toml,
+            payload_toml = options.payload_toml,
         );
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write test config");
-        let client = async_nats::connect(NATS_URL)
-            .await
-            .expect("NATS must run on 127.0.0.1:4222 (../shared/services.sh starts it)");
         TestEnv {
             id,
             stream,
@@ -146,6 +181,9 @@ level = "info"
             .env("TEST_PAYLOAD_SECRET", TEST_SECRET)
             .env("TEST_BETTER_AUTH_SECRET", TEST_SECRET)
             .env("RUST_LOG", "info");
+        for (name, value) in &self.options.env {
+            command.env(name, value);
+        }
         command.args(args);
         command.arg("--config").arg(&self.config_path);
         command
@@ -192,6 +230,54 @@ level = "info"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts the engine without waiting for it to be ready (for tests of startup itself).
+    pub fn spawn_engine(&mut self) {
+        assert!(self.engine.is_none(), "engine already running");
+        self.log_index += 1;
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .join(format!("engine-{}.log", self.log_index)),
+        )
+        .expect("log file");
+        let child = self
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sync-engine run");
+        self.engine = Some(child);
+    }
+
+    /// Waits up to `timeout` for a started engine to exit; its status, or `None` if it runs on.
+    pub fn wait_engine_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.engine.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.engine = None;
+                    return Some(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// `/readyz`'s status code, or `None` when nothing answers.
+    pub async fn readyz(&self) -> Option<u16> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .ok()?;
+        let response = client
+            .get(format!("http://{}/readyz", self.http))
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
     }
 
     /// SIGKILL: no chance to settle anything.

@@ -3,6 +3,8 @@
 pub mod app;
 pub mod env;
 pub mod receiver;
+pub mod relay;
+pub mod servers;
 pub mod user_tables;
 
 use std::path::{Path, PathBuf};

@@ -45,6 +45,45 @@ impl Received {
 
 type Script = Box<dyn FnMut(&Received) -> u16 + Send>;
 
+fn app(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/hook", post(receive))
+        .with_state(inner)
+}
+
+/// A rustls server configuration from PEM files, verifying clients against `client_ca`.
+fn server_tls(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> rustls::ServerConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .expect("server certificate file")
+        .collect::<Result<_, _>>()
+        .expect("server certificate PEM");
+    let key = PrivateKeyDer::from_pem_file(key_file).expect("server key PEM");
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).expect("client CA file") {
+                roots.add(cert.expect("client CA PEM")).expect("client CA");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    builder
+        .with_single_cert(chain, key)
+        .expect("server certificate and key")
+}
+
 struct Inner {
     keyring: Keyring,
     log: Mutex<Vec<Received>>,
@@ -64,28 +103,74 @@ impl Drop for Receiver {
     }
 }
 
-impl Receiver {
-    /// Starts on a free loopback port; answers 200 to every verified request, 401 otherwise.
-    pub async fn start(secret: &str) -> Receiver {
+impl Inner {
+    fn new(secret: &str) -> Arc<Inner> {
         let keyring = Keyring::parse(SigningScheme::StandardWebhooks, &Secret::new(secret))
             .expect("test secret is a valid whsec_ secret");
-        let inner = Arc::new(Inner {
+        Arc::new(Inner {
             keyring,
             log: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(|_| 200)),
-        });
+        })
+    }
+}
+
+impl Receiver {
+    /// Starts on a free loopback port; answers 200 to every verified request, 401 otherwise.
+    pub async fn start(secret: &str) -> Receiver {
+        let inner = Inner::new(secret);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port");
         let addr: SocketAddr = listener.local_addr().expect("local addr");
-        let app = Router::new()
-            .route("/hook", post(receive))
-            .with_state(inner.clone());
+        let app = app(inner.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Receiver {
             url: format!("http://{addr}/hook"),
+            inner,
+            server,
+        }
+    }
+
+    /// The same over HTTPS with the given server certificate; with `client_ca`, a client must
+    /// present a certificate that CA signed (mutual TLS), else the handshake fails.
+    pub async fn start_tls(
+        secret: &str,
+        cert_file: &std::path::Path,
+        key_file: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Receiver {
+        let inner = Inner::new(secret);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr: SocketAddr = listener.local_addr().expect("local addr");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(cert_file, key_file, client_ca)));
+        let app = app(inner.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                tokio::spawn(async move {
+                    // A client that fails the handshake (wrong CA, no certificate) is dropped.
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            url: format!("https://{addr}/hook"),
             inner,
             server,
         }

@@ -210,7 +210,7 @@ async fn admin() -> PgPool {
         .max_connections(1)
         .connect(POSTGRES_ADMIN_URL)
         .await
-        .expect("PostgreSQL must run on 127.0.0.1:5432 with trust auth and a database `test` (../shared/services.sh starts it)")
+        .expect("PostgreSQL must run on 127.0.0.1:5432 with trust auth and a database `test` (scripts/services.sh starts it)")
 }
 
 /// Every message of `stream` as (subject, parsed body), in stream order; empty when the stream

@@ -25,7 +25,7 @@ struct Mirror {
 async fn pool() -> PgPool {
     PgPool::connect(POSTGRES_ADMIN_URL)
         .await
-        .expect("PostgreSQL must run on 127.0.0.1:5432 (../shared/services.sh starts it)")
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (scripts/services.sh starts it)")
 }
 
 /// A world whose engine mirrors into a fresh table; `before` runs SQL first (with `{t}` for the

@@ -14,7 +14,7 @@ async fn fresh_postgres() -> (String, String) {
     let name = format!("sync_test_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL)
         .await
-        .expect("PostgreSQL must run on 127.0.0.1:5432 (../shared/services.sh starts it)");
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (scripts/services.sh starts it)");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await

@@ -5,11 +5,14 @@
 //! is done, thousands a second, so one task sends every mark waiting at a moment as one
 //! pipeline instead of one round trip each.
 
-use std::time::Duration;
-
 use actors::ports::{BoxFuture, DedupStore};
 use actors::{PortError, Sink};
+use protocol::Secret;
 use redis::aio::ConnectionManager;
+use redis::IntoConnectionInfo;
+
+use crate::config::{set, DedupConfig};
+use crate::redact;
 use tokio::sync::{mpsc, oneshot};
 
 /// Marks sent by one pipeline at most, so a huge backlog still goes out in steps.
@@ -37,18 +40,25 @@ impl std::fmt::Debug for RedisDedup {
 }
 
 impl RedisDedup {
-    pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| anyhow::anyhow!("dedup.redis_url is not a Redis URL: {e}"))?;
-        let connection = ConnectionManager::new(client)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to Redis for deduplication: {e}"))?;
+    /// Connects to `dedup.redis_url` (`rediss://` for TLS, with `redis_ca_file` for a private
+    /// CA) with the password of `redis_password_env` when one is named.
+    pub async fn connect(config: &DedupConfig, password: Option<&Secret>) -> anyhow::Result<Self> {
+        let client = client(config, password)?;
+        let connection = ConnectionManager::new(client).await.map_err(|e| {
+            anyhow::anyhow!(
+                "dedup.redis_url: cannot connect to Redis at {}: {}",
+                redact::url(&config.redis_url),
+                redact::text(&e.to_string())
+            )
+        })?;
         let (marks, waiting) = mpsc::unbounded_channel();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl_ms = u64::try_from(config.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         tokio::spawn(write_marks(connection.clone(), ttl_ms, waiting));
         Ok(RedisDedup {
             connection,
-            prefix: prefix.to_string(),
+            prefix: config.key_prefix.clone(),
             marks,
         })
     }
@@ -67,6 +77,37 @@ impl RedisDedup {
             .query_async::<String>(&mut connection)
             .await
             .is_ok()
+    }
+}
+
+/// The client of the configuration: its URL, the password from the environment, and TLS
+/// trusting `redis_ca_file` alone when it is set (else the system's roots).
+fn client(config: &DedupConfig, password: Option<&Secret>) -> anyhow::Result<redis::Client> {
+    let invalid = |e: redis::RedisError| {
+        anyhow::anyhow!(
+            "dedup.redis_url is not a usable Redis URL: {}",
+            redact::text(&e.to_string())
+        )
+    };
+    let mut info = config
+        .redis_url
+        .as_str()
+        .into_connection_info()
+        .map_err(invalid)?;
+    if let Some(password) = password {
+        info.redis.password = Some(password.expose().to_string());
+    }
+    match set(&config.redis_ca_file) {
+        Some(path) => {
+            let root_cert = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("dedup.redis_ca_file: cannot read {path}: {e}"))?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(info, certificates).map_err(invalid)
+        }
+        None => redis::Client::open(info).map_err(invalid),
     }
 }
 

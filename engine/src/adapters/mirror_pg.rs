@@ -70,7 +70,11 @@ impl PgMirror {
             .connect(&config.url)
             .await
             .map_err(|e| {
-                anyhow::anyhow!("mirror.url: cannot connect to the mirror database: {e}")
+                anyhow::anyhow!(
+                    "mirror.url: cannot connect to the mirror database at {}: {}",
+                    crate::redact::url(&config.url),
+                    super::errors::describe(&e)
+                )
             })?;
         let mirror = PgMirror {
             pool,

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod dedup_memory;
 pub mod dedup_redis;
+pub mod errors;
 pub mod http;
 pub mod mirror_pg;
 pub mod nats;

@@ -6,35 +6,139 @@ use std::time::Duration;
 use actors::ports::{Acker, BoxFuture, EventSource, Incoming};
 use actors::{PortError, Sink};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::ConnectOptions;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Mutex;
 
-use crate::config::NatsConfig;
+use crate::config::{NatsAuth, NatsConfig};
+use crate::redact;
 
-/// Connects to NATS, naming the server in the error but nothing else of the URL.
-pub async fn connect(config: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+use super::errors;
+
+/// How often the engine tries to reach NATS while it is down at startup.
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
+
+/// How often that is logged at WARN.
+const CONNECT_WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// The client options of the configuration: its name, credentials and TLS, and a log line
+/// naming the server (never its credentials) for each change of the connection.
+pub async fn options(config: &NatsConfig, auth: &NatsAuth) -> anyhow::Result<ConnectOptions> {
+    let shown = redact::url(&config.url);
+    let events_url = shown.clone();
+    let mut options = ConnectOptions::new()
         .name("sync-engine")
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .connect(&config.url)
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!(
-                "cannot connect to NATS at {}: {error}",
-                redact_url(&config.url)
-            )
-        })
+        // Reconnect forever: an engine that gives up on NATS would need a restart.
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let url = events_url.clone();
+            async move { log_event(&url, event) }
+        });
+    if config.tls_required {
+        options = options.require_tls(true);
+    }
+    let tls = config.tls_files();
+    if let Some(ca_file) = tls.ca_file {
+        options = options.add_root_certificates(ca_file.into());
+    }
+    if let (Some(cert), Some(key)) = (tls.client_cert_file, tls.client_key_file) {
+        options = options.add_client_certificate(cert.into(), key.into());
+    }
+    options = match auth {
+        NatsAuth::None => options,
+        NatsAuth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.expose().to_string())
+        }
+        NatsAuth::Token(token) => options.token(token.expose().to_string()),
+        NatsAuth::NKey(seed) => options.nkey(seed.expose().to_string()),
+        NatsAuth::Creds(path) => options
+            .credentials_file(path)
+            .await
+            .map_err(|error| anyhow::anyhow!("nats.creds_file: cannot use {path}: {error}"))?,
+    };
+    Ok(options)
 }
 
-/// `nats://user:pass@host` → `nats://host`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+fn log_event(url: &str, event: async_nats::Event) {
+    use async_nats::Event;
+    match event {
+        Event::Connected => tracing::info!(message = "Connected to NATS.", url),
+        Event::Disconnected => {
+            tracing::warn!(message = "Lost the NATS connection; reconnecting.", url)
         }
-        _ => url.to_string(),
+        Event::ClientError(error) => {
+            tracing::warn!(message = "NATS connection error.", url, error = %redact::text(&error.to_string()))
+        }
+        Event::ServerError(error) => {
+            tracing::warn!(message = "NATS server error.", url, error = %redact::text(&error.to_string()))
+        }
+        other => tracing::info!(message = "NATS connection event.", url, event = %other),
     }
+}
+
+/// Connects once, for the commands that need NATS now (publish, dlq replay, backfill,
+/// reconcile): credentials come from the process environment.
+pub async fn connect(config: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+    let auth = config
+        .auth(&|var| std::env::var(var).ok())
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    let options = options(config, &auth).await?;
+    options
+        .connect(&config.url)
+        .await
+        .map_err(|error| connect_error(config, &error))
+}
+
+/// The engine's connection: while NATS cannot be reached it keeps trying, with a WARN naming
+/// the server every few seconds; credentials or TLS that NATS refuses end the wait at once,
+/// since no retry can mend them.
+pub async fn connect_until_up(
+    config: &NatsConfig,
+    auth: &NatsAuth,
+) -> anyhow::Result<async_nats::Client> {
+    let mut last_warned: Option<tokio::time::Instant> = None;
+    loop {
+        let options = options(config, auth).await?;
+        let error = match options.connect(&config.url).await {
+            Ok(client) => return Ok(client),
+            Err(error) => error,
+        };
+        if is_fatal(&error) {
+            return Err(connect_error(config, &error));
+        }
+        if last_warned.is_none_or(|at| at.elapsed() >= CONNECT_WARN_EVERY) {
+            last_warned = Some(tokio::time::Instant::now());
+            tracing::warn!(
+                message = "Cannot reach NATS; retrying. /readyz answers 503 until connected.",
+                url = %redact::url(&config.url),
+                error = %describe(&error),
+            );
+        }
+        tokio::time::sleep(CONNECT_RETRY).await;
+    }
+}
+
+/// Refused credentials and TLS failures (a certificate that does not verify comes as an I/O
+/// error): retrying the same settings cannot succeed.
+fn is_fatal(error: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind as Kind;
+    matches!(
+        error.kind(),
+        Kind::Authentication | Kind::AuthorizationViolation | Kind::Tls | Kind::ServerParse
+    ) || errors::tls_cause(error).is_some()
+}
+
+fn connect_error(config: &NatsConfig, error: &async_nats::ConnectError) -> anyhow::Error {
+    anyhow::anyhow!(
+        "nats.url: cannot connect to NATS at {}: {}",
+        redact::url(&config.url),
+        describe(error)
+    )
+}
+
+fn describe(error: &async_nats::ConnectError) -> String {
+    errors::describe(error)
 }
 
 /// Every subject the stream must capture.
@@ -290,11 +394,5 @@ mod tests {
         assert!(!subject_covers("user.*", "user.>"));
         assert!(!subject_covers("user.updated", "user.>"));
         assert!(!subject_covers("payload.user.>", "user.>"));
-    }
-
-    #[test]
-    fn urls_lose_credentials() {
-        assert_eq!(redact_url("nats://u:p@host:4222"), "nats://host:4222");
-        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
     }
 }

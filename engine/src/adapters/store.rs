@@ -127,7 +127,13 @@ impl SqlStore {
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to the PostgreSQL store: {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "store.url: cannot connect to the PostgreSQL store at {}: {}",
+                        crate::redact::url(url),
+                        super::errors::describe(&e)
+                    )
+                })?;
             sqlx::migrate!("migrations/postgres")
                 .run(&pool)
                 .await

@@ -17,7 +17,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::Row;
 
-use super::nats::redact_url;
+use crate::redact::url as redact_url;
 
 /// Runs the same code on whichever pool the database has (the SQL uses `$N` placeholders,
 /// which SQLite and PostgreSQL both accept).

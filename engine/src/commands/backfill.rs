@@ -21,12 +21,12 @@ use protocol::{Envelope, EventType, Origin};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::adapters::nats::redact_url;
 use crate::adapters::user_tables::{
     iso_ms, now_ms, BetterAuthColumns, BetterAuthUser, UserDb, PAGE_ROWS,
 };
 use crate::cli::BackfillArgs;
 use crate::config::Config;
+use crate::redact::without_userinfo;
 
 use super::{config_path, runtime};
 
@@ -326,7 +326,7 @@ pub fn checkpoint_key(config: &Config, source_url: &str, table: &str) -> String 
     let subject = super::publish::subject_for(config, Origin::BetterAuth, EventType::Created, "");
     let mut hash = Sha256::new();
     for part in [
-        redact_url(source_url).as_str(),
+        without_userinfo(source_url).as_str(),
         table,
         config.nats.stream.as_str(),
         subject.as_str(),

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use crate::cli::ConfigArg;
-use crate::config::Config;
+use crate::config::{Config, NatsAuth};
 
 use super::{config_path, load_config};
 
@@ -54,4 +54,31 @@ fn print_secrets(config: &Config, secrets: &crate::config::Secrets) {
         &config.ingest.payload_secret_env,
         secrets.ingest_payload.as_ref(),
     );
+    let nats = match &secrets.nats {
+        NatsAuth::None => "none".to_string(),
+        NatsAuth::UserPassword { user, .. } => format!(
+            "user {user}, password from {} = [redacted]",
+            config.nats.password_env.as_deref().unwrap_or_default()
+        ),
+        NatsAuth::Token(_) => format!(
+            "token from {} = [redacted]",
+            config.nats.token_env.as_deref().unwrap_or_default()
+        ),
+        NatsAuth::NKey(_) => format!(
+            "NKey seed from {} = [redacted]",
+            config.nats.nkey_seed_file.as_deref().unwrap_or_default()
+        ),
+        NatsAuth::Creds(path) => format!("credentials file {path}"),
+    };
+    println!("# nats authentication: {nats}");
+    if secrets.redis_password.is_some() {
+        println!(
+            "# dedup.redis_password_env: {} = [redacted]",
+            config
+                .dedup
+                .redis_password_env
+                .as_deref()
+                .unwrap_or_default()
+        );
+    }
 }

@@ -16,6 +16,8 @@ use crate::cli::{Cli, Command, ConfigArg};
 use crate::config::{Config, ConfigError, Secrets};
 
 pub fn dispatch(cli: Cli) -> ExitCode {
+    // Every TLS connection (HTTP targets, NATS, Redis, PostgreSQL) uses rustls with ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::CheckConfig(args) => check_config::run(&args),
@@ -29,7 +31,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", crate::redact::text(&format!("{error:#}")));
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,7 @@
 
 pub mod duration;
 mod error;
+mod files;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use protocol::{Origin, Secret};
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
+pub use files::NatsAuth;
 
 /// The commented default configuration, embedded at build time.
 pub const DEFAULTS_TOML: &str = include_str!("../../../config.toml");
@@ -73,7 +75,64 @@ pub struct NatsConfig {
     /// -1 for unlimited: the engine dead-letters by its own retry policy.
     pub max_deliver: i64,
     pub max_message_bytes: usize,
+    /// User name for user/password authentication; the password is in `password_env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The environment variable holding the password of `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// The environment variable holding an authentication token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// A file holding an NKey seed (`SU...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_file: Option<String>,
+    /// A `.creds` file (user JWT and NKey seed), as `nsc` writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<String>,
+    /// Refuse a connection that is not TLS even for a `nats://` URL.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// CA certificates (PEM) to trust instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// This client's certificate chain (PEM), for servers that require mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// The private key (PEM) of `client_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
 }
+
+/// PEM files of one TLS client: a private CA to trust, and a certificate for mutual TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TlsFiles<'a> {
+    pub ca_file: Option<&'a str>,
+    pub client_cert_file: Option<&'a str>,
+    pub client_key_file: Option<&'a str>,
+}
+
+/// An optional key that is set and not empty (an empty value unsets a default from the
+/// environment).
+pub fn set(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+macro_rules! tls_files {
+    ($config:ty) => {
+        impl $config {
+            pub fn tls_files(&self) -> TlsFiles<'_> {
+                TlsFiles {
+                    ca_file: set(&self.ca_file),
+                    client_cert_file: set(&self.client_cert_file),
+                    client_key_file: set(&self.client_key_file),
+                }
+            }
+        }
+    };
+}
+tls_files!(NatsConfig);
+tls_files!(TargetConfig);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,7 +145,14 @@ pub enum DedupBackend {
 #[serde(deny_unknown_fields)]
 pub struct DedupConfig {
     pub backend: DedupBackend,
+    /// `redis://` or `rediss://` (TLS); a user name for Redis ACLs goes in the URL.
     pub redis_url: String,
+    /// The environment variable holding the Redis password (instead of one in the URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_password_env: Option<String>,
+    /// CA certificates (PEM) for a `rediss://` server with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<String>,
     pub key_prefix: String,
     #[serde(with = "duration")]
     pub ttl: Duration,
@@ -131,6 +197,15 @@ pub struct TargetConfig {
     pub max_concurrency: usize,
     pub coalesce: bool,
     pub retry: RetryConfig,
+    /// CA certificates (PEM) to trust instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// This client's certificate chain (PEM), for servers that require mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    /// The private key (PEM) of `client_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
     /// canonical field -> this side's field name.
     pub fields: BTreeMap<String, String>,
     /// This side's bookkeeping fields that are never synced.
@@ -185,6 +260,9 @@ pub struct HttpConfig {
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     pub enabled: bool,
+    /// An address of its own for the ingest endpoints; without it they share `http.listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
     pub signing: SigningScheme,
     pub better_auth_secret_env: String,
     pub payload_secret_env: String,
@@ -215,6 +293,10 @@ pub struct Secrets {
     pub better_auth: Option<Keyring>,
     pub ingest_better_auth: Option<Keyring>,
     pub ingest_payload: Option<Keyring>,
+    /// How the engine authenticates to NATS.
+    pub nats: NatsAuth,
+    /// The Redis password from `dedup.redis_password_env`.
+    pub redis_password: Option<Secret>,
 }
 
 impl Secrets {
@@ -290,14 +372,17 @@ impl Config {
                 "must be longer than 0s".into(),
             ));
         }
-        for (key, url) in [("nats.url", &self.nats.url)] {
-            if !url.starts_with("nats://") && !url.starts_with("tls://") {
-                return Err(invalid(
-                    key,
-                    format!("{url:?} is not a nats:// or tls:// URL"),
-                ));
-            }
+        if !self.nats.url.starts_with("nats://") && !self.nats.url.starts_with("tls://") {
+            return Err(invalid(
+                "nats.url",
+                format!(
+                    "{:?} is not a nats:// or tls:// URL",
+                    crate::redact::url(&self.nats.url)
+                ),
+            ));
         }
+        files::check_tls("nats.", self.nats.tls_files())?;
+        let nats_auth = self.nats.auth(&lookup)?;
         if self.nats.stream.is_empty()
             || !self
                 .nats
@@ -341,10 +426,10 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if self.dedup.backend == DedupBackend::Redis
-            && !self.dedup.redis_url.starts_with("redis://")
-        {
-            return Err(invalid("dedup.redis_url", "must be a redis:// URL".into()));
+        let mut redis_password = None;
+        if self.dedup.backend == DedupBackend::Redis {
+            self.validate_redis()?;
+            redis_password = self.dedup.redis_password(&lookup)?;
         }
         if self.dedup.ttl.is_zero() {
             return Err(invalid("dedup.ttl", "must be longer than 0s".into()));
@@ -355,23 +440,25 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
-        if !self.store.url.starts_with("sqlite:")
-            && !self.store.url.starts_with("postgres://")
-            && !self.store.url.starts_with("postgresql://")
-        {
-            return Err(invalid(
-                "store.url",
-                format!(
-                    "{:?} is neither sqlite://PATH nor postgres://...",
-                    self.store.url
-                ),
-            ));
+        if !self.store.url.starts_with("sqlite:") {
+            if !is_postgres_url(&self.store.url) {
+                return Err(invalid(
+                    "store.url",
+                    format!(
+                        "{:?} is neither sqlite://PATH nor postgres://...",
+                        crate::redact::url(&self.store.url)
+                    ),
+                ));
+            }
+            validate_postgres_url("store.url", &self.store.url)?;
         }
         let mut secrets = Secrets {
             payload: None,
             better_auth: None,
             ingest_better_auth: None,
             ingest_payload: None,
+            nats: nats_auth,
+            redis_password,
         };
         for side in Origin::ALL {
             let (target, key) = self.targets.side(side);
@@ -390,11 +477,10 @@ impl Config {
             }
         }
         if self.mirror.enabled {
-            if !self.mirror.url.starts_with("postgres://")
-                && !self.mirror.url.starts_with("postgresql://")
-            {
+            if !is_postgres_url(&self.mirror.url) {
                 return Err(invalid("mirror.url", "must be a postgres:// URL".into()));
             }
+            validate_postgres_url("mirror.url", &self.mirror.url)?;
             if !is_sql_identifier(&self.mirror.table) {
                 return Err(invalid(
                     "mirror.table",
@@ -403,6 +489,12 @@ impl Config {
             }
         }
         if self.ingest.enabled {
+            if self.ingest.listen == Some(self.http.listen) {
+                return Err(invalid(
+                    "ingest.listen",
+                    "must differ from http.listen (leave it out to share that address)".into(),
+                ));
+            }
             if self.ingest.max_body_bytes == 0 {
                 return Err(invalid(
                     "ingest.max_body_bytes",
@@ -445,8 +537,69 @@ impl Config {
     /// The effective configuration as TOML. It holds no secret: only the names of the
     /// variables that hold them.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
+        let mut shown = self.clone();
+        for url in [
+            &mut shown.nats.url,
+            &mut shown.dedup.redis_url,
+            &mut shown.store.url,
+            &mut shown.mirror.url,
+            &mut shown.targets.payload.url,
+            &mut shown.targets.better_auth.url,
+        ] {
+            *url = crate::redact::url(url);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
     }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let url = &self.dedup.redis_url;
+        let tls = url.starts_with("rediss://");
+        if !tls && !url.starts_with("redis://") {
+            return Err(ConfigError::Invalid {
+                key: "dedup.redis_url".into(),
+                message: "must be a redis:// or rediss:// (TLS) URL".into(),
+            });
+        }
+        if let Some(path) = set(&self.dedup.redis_ca_file) {
+            if !tls {
+                return Err(ConfigError::Invalid {
+                    key: "dedup.redis_ca_file".into(),
+                    message: "needs a rediss:// dedup.redis_url".into(),
+                });
+            }
+            files::certificates("dedup.redis_ca_file", path)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The URL parses as libpq's (`sslmode`, `sslrootcert`, ...), and the files it names are there.
+fn validate_postgres_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        key: key.to_string(),
+        message,
+    };
+    let parsed =
+        reqwest::Url::parse(url).map_err(|error| invalid(format!("not a valid URL: {error}")))?;
+    for (name, value) in parsed.query_pairs() {
+        match name.as_ref() {
+            "sslrootcert" => {
+                files::certificates(&format!("{key} (sslrootcert)"), &value)?;
+            }
+            "sslcert" => {
+                files::certificates(&format!("{key} (sslcert)"), &value)?;
+            }
+            "sslkey" => files::private_key(&format!("{key} (sslkey)"), &value)?,
+            _ => {}
+        }
+    }
+    <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url)
+        .map(|_| ())
+        .map_err(|error| invalid(crate::redact::text(&error.to_string())))
 }
 
 fn validate_target(target: &TargetConfig, key: &str) -> Result<(), ConfigError> {
@@ -457,15 +610,26 @@ fn validate_target(target: &TargetConfig, key: &str) -> Result<(), ConfigError> 
     if !target.url.starts_with("http://") && !target.url.starts_with("https://") {
         return Err(invalid(
             "url",
-            format!("{:?} is not an http:// or https:// URL", target.url),
+            format!(
+                "{:?} is not an http:// or https:// URL",
+                crate::redact::url(&target.url)
+            ),
         ));
     }
     if reqwest::Url::parse(&target.url).is_err() {
         return Err(invalid(
             "url",
-            format!("{:?} is not a valid URL", target.url),
+            format!("{:?} is not a valid URL", crate::redact::url(&target.url)),
         ));
     }
+    let tls = target.tls_files();
+    if !target.url.starts_with("https://") && tls != TlsFiles::default() {
+        return Err(invalid(
+            "ca_file",
+            "TLS files need an https:// url (client_cert_file and client_key_file too)".into(),
+        ));
+    }
+    files::check_tls(&format!("{key}."), tls)?;
     if target.timeout.is_zero() {
         return Err(invalid("timeout", "must be longer than 0s".into()));
     }
