@@ -1,7 +1,7 @@
 //! Errors of the actors crate.
 
-/// A port could not do what was asked. Actors treat every port error as transient: the
-/// message is handed back to the source and comes again.
+/// A port could not do what was asked: for now (`Unavailable`, tried again), or for good for
+/// this request (`Rejected`, `Corrupt`: the message it concerns becomes a dead letter).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PortError {
     #[error("{service} unavailable: {message}")]
@@ -11,6 +11,12 @@ pub enum PortError {
     },
     #[error("{service} rejected the request: {message}")]
     Rejected {
+        service: &'static str,
+        message: String,
+    },
+    /// What the service holds cannot be read: trying again reads the same bytes.
+    #[error("{service} holds data that cannot be decoded: {message}")]
+    Corrupt {
         service: &'static str,
         message: String,
     },
@@ -26,6 +32,13 @@ impl PortError {
 
     pub fn rejected(service: &'static str, message: impl ToString) -> Self {
         PortError::Rejected {
+            service,
+            message: message.to_string(),
+        }
+    }
+
+    pub fn corrupt(service: &'static str, message: impl ToString) -> Self {
+        PortError::Corrupt {
             service,
             message: message.to_string(),
         }

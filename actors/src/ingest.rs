@@ -124,39 +124,26 @@ async fn ingest_batch(args: &IngestArgs, batch: Vec<Incoming>) -> Vec<Routed> {
             // The broken variant (see `EngineFaults`): settle now, whatever happens next.
             incoming.ack_early().await;
         }
+        if args
+            .settings
+            .max_deliver
+            .is_some_and(|max| incoming.delivered >= max)
+        {
+            // The source will not deliver it again: kept as a dead letter, never dropped.
+            let error = format!(
+                "delivered {} times (nats.max_deliver); dead-lettered to be replayed",
+                incoming.delivered
+            );
+            let sink = Some(args.sink);
+            dead_letter(args, incoming, "max_deliver".into(), sink, Some(error)).await;
+            continue;
+        }
         match Event::parse(
             &incoming.payload,
             args.settings.max_message_bytes,
             &args.settings.mappings,
         ) {
-            Err(bad) => {
-                let letter = DeadLetter {
-                    subject: incoming.subject.clone(),
-                    raw: incoming.payload.clone(),
-                    reason: bad.reason(),
-                    event_id: salvage_event_id(&incoming.payload),
-                    sink: None,
-                    attempts: 0,
-                    last_error: None,
-                    received_at_ms: args.ports.clock.now_ms(),
-                };
-                tracing::warn!(message = "Bad event dead-lettered.", subject = %incoming.subject, reason = %letter.reason);
-                let reason = letter.reason.clone();
-                match args.ports.store.dead_letter(letter).await {
-                    Ok(()) => {
-                        args.stats
-                            .dead_letters
-                            .add(&[reason.as_str(), args.sink.as_str()]);
-                        Stats::add(&args.stats.acked);
-                        incoming.ack().await;
-                    }
-                    Err(error) => {
-                        // Not durable yet: the source keeps it and tries again.
-                        tracing::warn!(message = "Storing a dead letter failed.", %error);
-                        incoming.nak(READ_RETRY_DELAY).await;
-                    }
-                }
-            }
+            Err(bad) => dead_letter(args, incoming, bad.reason(), None, None).await,
             Ok(event) => {
                 Stats::add(match event.envelope.origin {
                     Origin::BetterAuth => &args.stats.received_better_auth,
@@ -177,6 +164,41 @@ async fn ingest_batch(args: &IngestArgs, batch: Vec<Incoming>) -> Vec<Routed> {
         }
     }
     routed
+}
+
+/// Stores the message as a dead letter, then acknowledges it; if the store fails, the source
+/// keeps it and tries again.
+async fn dead_letter(
+    args: &IngestArgs,
+    incoming: Incoming,
+    reason: String,
+    sink: Option<Sink>,
+    last_error: Option<String>,
+) {
+    let letter = DeadLetter {
+        subject: incoming.subject.clone(),
+        raw: incoming.payload.clone(),
+        reason: reason.clone(),
+        event_id: salvage_event_id(&incoming.payload),
+        sink: sink.map(|s| s.as_str().to_string()),
+        attempts: 0,
+        last_error,
+        received_at_ms: args.ports.clock.now_ms(),
+    };
+    tracing::warn!(message = "Event dead-lettered.", subject = %incoming.subject, %reason);
+    match args.ports.store.dead_letter(letter).await {
+        Ok(()) => {
+            args.stats
+                .dead_letters
+                .add(&[reason.as_str(), args.sink.as_str()]);
+            Stats::add(&args.stats.acked);
+            incoming.ack().await;
+        }
+        Err(error) => {
+            tracing::warn!(message = "Storing a dead letter failed.", %error);
+            incoming.nak(READ_RETRY_DELAY).await;
+        }
+    }
 }
 
 /// The id of a bad message, when it has a usable one, so a dead letter can be found by it.

@@ -55,6 +55,9 @@ pub enum PipelineMsg {
     Pause,
     /// How many user actors are alive.
     GetActiveUsers(ractor::RpcReplyPort<usize>),
+    /// Save every user's state that only accepted deliveries changed (shutdown): answers how
+    /// many were saved.
+    Flush(ractor::RpcReplyPort<usize>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,7 +71,7 @@ enum Child {
 
 pub struct PipelineState {
     args: PipelineArgs,
-    permits: Arc<Semaphore>,
+    budgets: Budgets,
     payload: Slot<DeliveryMsg>,
     better_auth: Slot<DeliveryMsg>,
     router: Slot<RouterMsg>,
@@ -153,7 +156,7 @@ impl PipelineActor {
                 let args = IngestArgs {
                     sink,
                     source,
-                    permits: state.permits.clone(),
+                    permits: state.budgets.of(sink),
                     dedup: state.dedup.clone(),
                     ports,
                     settings,
@@ -196,16 +199,16 @@ impl PipelineActor {
 impl Actor for PipelineActor {
     type Msg = PipelineMsg;
     type State = PipelineState;
-    type Arguments = (PipelineArgs, Arc<Semaphore>);
+    type Arguments = (PipelineArgs, Budgets);
 
     async fn pre_start(
         &self,
         myself: ActorRef<PipelineMsg>,
-        (args, permits): (PipelineArgs, Arc<Semaphore>),
+        (args, budgets): (PipelineArgs, Budgets),
     ) -> Result<PipelineState, ActorProcessingErr> {
         let mut state = PipelineState {
             args,
-            permits,
+            budgets,
             payload: Slot::default(),
             better_auth: Slot::default(),
             router: Slot::default(),
@@ -261,6 +264,18 @@ impl Actor for PipelineActor {
                 };
                 let _ = reply.send(count);
             }
+            PipelineMsg::Flush(reply) => {
+                let Some(router) = state.router.get() else {
+                    let _ = reply.send(0);
+                    return Ok(());
+                };
+                // Answered from a task: the saves take a commit, and supervision events must
+                // not wait behind them.
+                tokio::spawn(async move {
+                    let saved = ractor::call_t!(router, RouterMsg::Flush, FLUSH_TIMEOUT_MS);
+                    let _ = reply.send(saved.unwrap_or(0));
+                });
+            }
         }
         Ok(())
     }
@@ -293,16 +308,52 @@ impl Actor for PipelineActor {
     }
 }
 
+/// How long shutdown waits for the users' last saves.
+pub const FLUSH_TIMEOUT_MS: u64 = 10_000;
+
+/// Each sink's in-flight budget: a unit per message read and not yet settled, released with
+/// the message (see [`crate::ports::Incoming::with_permit`]).
+#[derive(Debug, Clone)]
+pub struct Budgets(Vec<(Sink, Arc<Semaphore>, usize)>);
+
+impl Budgets {
+    pub fn new(settings: &PipelineSettings) -> Budgets {
+        Budgets(
+            Sink::ALL
+                .into_iter()
+                .map(|sink| {
+                    let size = settings.sink_in_flight(sink);
+                    (sink, Arc::new(Semaphore::new(size)), size)
+                })
+                .collect(),
+        )
+    }
+
+    /// The budget of `sink`.
+    pub fn of(&self, sink: Sink) -> Arc<Semaphore> {
+        self.0
+            .iter()
+            .find(|(s, _, _)| *s == sink)
+            .map(|(_, permits, _)| permits.clone())
+            .unwrap_or_else(|| Arc::new(Semaphore::new(1)))
+    }
+
+    /// Messages held unsettled, over every sink.
+    fn in_use(&self) -> usize {
+        self.0
+            .iter()
+            .map(|(_, permits, size)| size.saturating_sub(permits.available_permits()))
+            .sum()
+    }
+}
+
 /// Reads how many messages the pipeline holds unsettled.
 #[derive(Debug, Clone)]
-pub struct InFlight {
-    permits: Arc<Semaphore>,
-    max: usize,
-}
+pub struct InFlight(Budgets);
 
 impl InFlight {
     pub fn get(&self) -> usize {
-        self.max.saturating_sub(self.permits.available_permits())
+        self.0.in_use()
     }
 }
 
@@ -312,36 +363,30 @@ pub struct Pipeline {
     pub root: ActorRef<PipelineMsg>,
     pub handle: tokio::task::JoinHandle<()>,
     pub stats: Arc<Stats>,
-    permits: Arc<Semaphore>,
-    max_in_flight: usize,
+    budgets: Budgets,
 }
 
 impl Pipeline {
     pub async fn start(args: PipelineArgs) -> Result<Pipeline, ractor::SpawnErr> {
-        let max_in_flight = args.settings.max_in_flight.max(1);
-        let permits = Arc::new(Semaphore::new(max_in_flight));
+        let budgets = Budgets::new(&args.settings);
         let stats = args.stats.clone();
-        let (root, handle) = Actor::spawn(None, PipelineActor, (args, permits.clone())).await?;
+        let (root, handle) = Actor::spawn(None, PipelineActor, (args, budgets.clone())).await?;
         Ok(Pipeline {
             root,
             handle,
             stats,
-            permits,
-            max_in_flight,
+            budgets,
         })
     }
 
     /// Messages read but not yet settled.
     pub fn in_flight(&self) -> usize {
-        self.in_flight_gauge().get()
+        self.budgets.in_use()
     }
 
     /// A handle that reads [`Pipeline::in_flight`] from elsewhere (the metrics endpoint).
     pub fn in_flight_gauge(&self) -> InFlight {
-        InFlight {
-            permits: self.permits.clone(),
-            max: self.max_in_flight,
-        }
+        InFlight(self.budgets.clone())
     }
 
     /// Stops intake, waits up to `grace` for held messages to settle, then stops every actor;
@@ -353,6 +398,13 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.in_flight();
+        // Stopping an actor skips its children's `post_stop`: what only accepted deliveries
+        // changed is saved now, or a restart would repeat those deliveries.
+        let saved = ractor::call_t!(self.root, PipelineMsg::Flush, FLUSH_TIMEOUT_MS).unwrap_or(0);
+        tracing::debug!(
+            message = "Users' states saved for shutdown.",
+            n_saved = saved
+        );
         self.root.stop(Some("shutdown".into()));
         let _ = self.handle.await;
         left

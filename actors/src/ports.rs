@@ -45,6 +45,38 @@ pub trait Acker: Send + Sync + 'static {
     fn progress(&self) -> BoxFuture<'_, Result<(), PortError>>;
 }
 
+/// What a JetStream acknowledgement subject says of its message:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ms>.<pending>`, or
+/// the newer form with a domain and an account hash before the stream and a token after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckReply {
+    pub delivered: u64,
+    pub stream_sequence: u64,
+}
+
+impl AckReply {
+    pub fn parse(reply: &str) -> Option<AckReply> {
+        let tokens: Vec<&str> = reply.split('.').collect();
+        if tokens.len() < 2 || tokens[0] != "$JS" || tokens[1] != "ACK" {
+            return None;
+        }
+        let at = match tokens.len() {
+            9 => 4,
+            n if n >= 12 => 6,
+            _ => return None,
+        };
+        Some(AckReply {
+            delivered: tokens[at].parse().ok()?,
+            stream_sequence: tokens[at + 1].parse().ok()?,
+        })
+    }
+
+    /// The reply subject of the older form, for a source that makes its own messages.
+    pub fn subject(stream: &str, consumer: &str, delivered: u64, stream_sequence: u64) -> String {
+        format!("$JS.ACK.{stream}.{consumer}.{delivered}.{stream_sequence}.{stream_sequence}.0.0")
+    }
+}
+
 /// One message from the event source, owned by whichever actor holds it until it is settled.
 ///
 /// If it is dropped unsettled (an actor crashed, or shutdown gave up on it) it is nak'ed at
@@ -74,22 +106,32 @@ impl fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    pub fn new(subject: String, payload: Bytes, delivered: u64, acker: Arc<dyn Acker>) -> Self {
+    /// A message as JetStream hands it over: its subject, its payload, and the reply subject
+    /// its acknowledgement goes to, which carries how often it was delivered and its place in
+    /// the stream. The engine and the simulator both make every message here, so the
+    /// simulator's messages carry what production's do, read the same way.
+    pub fn from_jetstream(
+        subject: String,
+        payload: Bytes,
+        reply: &str,
+        acker: Arc<dyn Acker>,
+    ) -> Self {
+        let meta = AckReply::parse(reply).unwrap_or_else(|| {
+            tracing::warn!(message = "A message's reply subject is not JetStream's; counted as its first delivery, with no stream order.", %subject);
+            AckReply {
+                delivered: 1,
+                stream_sequence: 0,
+            }
+        });
         Incoming {
             subject,
             payload,
-            delivered,
-            sequence: 0,
+            delivered: meta.delivered.max(1),
+            sequence: meta.stream_sequence,
             acker: Some(acker),
             settled: Arc::new(AtomicBool::new(false)),
             _permit: None,
         }
-    }
-
-    /// The message's stream sequence.
-    pub fn with_sequence(mut self, sequence: u64) -> Self {
-        self.sequence = sequence;
-        self
     }
 
     /// Ties one unit of `engine.max_in_flight` to this message's lifetime.
@@ -311,5 +353,38 @@ pub struct Ports {
 impl fmt::Debug for Ports {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Ports")
+    }
+}
+
+#[cfg(test)]
+mod ack_reply_tests {
+    use super::AckReply;
+
+    #[test]
+    fn both_forms_of_the_ack_subject() {
+        assert_eq!(
+            AckReply::parse("$JS.ACK.USER_SYNC.user-sync-payload.3.1042.17.1761560000000000000.5"),
+            Some(AckReply {
+                delivered: 3,
+                stream_sequence: 1042
+            })
+        );
+        assert_eq!(
+            AckReply::parse("$JS.ACK.hub.ACCHASH.USER_SYNC.c.2.77.9.1761560000000000000.0.xyz"),
+            Some(AckReply {
+                delivered: 2,
+                stream_sequence: 77
+            })
+        );
+        assert_eq!(AckReply::parse("_INBOX.abc"), None);
+        assert_eq!(AckReply::parse("$JS.ACK.S.C.x.1.1.0.0"), None);
+        let made = AckReply::subject("SIM", "payload", 4, 9);
+        assert_eq!(
+            AckReply::parse(&made),
+            Some(AckReply {
+                delivered: 4,
+                stream_sequence: 9
+            })
+        );
     }
 }

@@ -39,6 +39,8 @@ pub enum RouterMsg {
     ExpireParked,
     /// Query: how many user actors are alive.
     GetActiveUsers(ractor::RpcReplyPort<usize>),
+    /// Every live user actor saves what it has not (shutdown); answers how many saved.
+    Flush(ractor::RpcReplyPort<usize>),
 }
 
 pub struct RouterArgs {
@@ -185,6 +187,18 @@ impl Actor for RouterActor {
             }
             RouterMsg::GetActiveUsers(reply) => {
                 let _ = reply.send(state.users.len());
+            }
+            RouterMsg::Flush(reply) => {
+                let actors: Vec<ActorRef<UserMsg>> =
+                    state.users.values().map(|e| e.actor.clone()).collect();
+                tokio::spawn(async move {
+                    let saves = actors.iter().map(|actor| async move {
+                        ractor::call_t!(actor, UserMsg::Flush, crate::pipeline::FLUSH_TIMEOUT_MS)
+                    });
+                    let results = futures::future::join_all(saves).await;
+                    let saved = results.iter().filter(|r| matches!(r, Ok(true))).count();
+                    let _ = reply.send(saved);
+                });
             }
         }
         Ok(())

@@ -23,12 +23,18 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// The wait before attempt `attempt + 1`, after `attempt` failures (1-based). `unit` is a
-    /// uniform draw in `[0, 1)`. A `Retry-After` from the receiver wins, bounded by `max`
-    /// so that a receiver cannot park a user's line for longer than the policy allows.
+    /// uniform draw in `[0, 1)`. A receiver's `Retry-After` can lengthen the wait, never
+    /// shorten it below the backoff (`Retry-After: 0` would spend every attempt at once), and
+    /// never past `max` (a receiver cannot park a user's line for longer than the policy allows).
     pub fn delay(&self, attempt: u32, unit: f64, retry_after: Option<Duration>) -> Duration {
-        if let Some(wait) = retry_after {
-            return wait.min(self.max);
+        let backoff = self.backoff(attempt, unit);
+        match retry_after {
+            Some(wait) => wait.max(backoff).min(self.max.max(backoff)),
+            None => backoff,
         }
+    }
+
+    fn backoff(&self, attempt: u32, unit: f64) -> Duration {
         let exponent = attempt.saturating_sub(1).min(64) as i32;
         let base = self.initial.as_secs_f64() * self.multiplier.powi(exponent);
         let capped = base.min(self.max.as_secs_f64());
@@ -58,6 +64,9 @@ pub struct EngineFaults {
     pub ack_before_durable: bool,
     /// (c) Send every queued delivery at once instead of one at a time per user and side.
     pub unordered_delivery: bool,
+    /// (h) Fail the user's actor when the store fails, handing its messages back to the source
+    /// (JetStream redelivers them in its own order): the engine before it kept them in order.
+    pub fail_on_store_error: bool,
 }
 
 /// The pipeline's settings.
@@ -73,6 +82,9 @@ pub struct PipelineSettings {
     /// The source's ack deadline; held messages get a progress ack well within it.
     pub ack_wait: Duration,
     pub max_message_bytes: usize,
+    /// The source gives a message up after this many deliveries (`nats.max_deliver`; `None`:
+    /// never). Its last delivery is dead-lettered rather than left to be dropped.
+    pub max_deliver: Option<u64>,
     /// Messages asked of the source at once.
     pub fetch_batch: usize,
     pub mappings: Mappings,
@@ -90,6 +102,20 @@ impl PipelineSettings {
             Origin::Payload => self.payload.as_ref(),
             Origin::BetterAuth => self.better_auth.as_ref(),
         }
+    }
+
+    /// The messages `sink` may hold unsettled: its share of `max_in_flight`, in proportion to
+    /// its target's delivery slots, and at least one fetch batch. Each sink has a budget of its
+    /// own, so a target that is down holds only its own sink's events, never the other's.
+    pub fn sink_in_flight(&self, sink: crate::sink::Sink) -> usize {
+        let slots = self.delivery_slots();
+        let own = self.target(sink.side()).map_or(0, |t| t.max_concurrency);
+        let share = self
+            .max_in_flight
+            .saturating_mul(own)
+            .checked_div(slots)
+            .unwrap_or(self.max_in_flight);
+        share.max(self.fetch_batch.min(self.max_in_flight)).max(1)
     }
 
     /// Deliveries that may be in flight at once: every enabled target's `max_concurrency`.
@@ -133,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_wins_within_max() {
+    fn retry_after_lengthens_within_max_and_never_shortens_the_backoff() {
         let p = policy();
         assert_eq!(
             p.delay(1, 0.5, Some(Duration::from_secs(7))),
@@ -143,5 +169,29 @@ mod tests {
             p.delay(1, 0.5, Some(Duration::from_secs(7200))),
             Duration::from_secs(600)
         );
+        // Retry-After: 0, or shorter than the backoff: the backoff's delay.
+        assert_eq!(
+            p.delay(1, 0.5, Some(Duration::ZERO)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            p.delay(4, 0.5, Some(Duration::from_secs(1))),
+            Duration::from_secs(4)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_retry_after_stays_between_the_backoff_and_max(
+            attempt in 1u32..40,
+            unit in 0.0f64..1.0,
+            wait_ms in 0u64..10_000_000,
+        ) {
+            let p = policy();
+            let backoff = p.delay(attempt, unit, None);
+            let delay = p.delay(attempt, unit, Some(Duration::from_millis(wait_ms)));
+            proptest::prop_assert!(delay >= backoff);
+            proptest::prop_assert!(delay <= p.max.max(backoff));
+        }
     }
 }

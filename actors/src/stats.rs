@@ -54,6 +54,9 @@ counters! {
     stale,
     /// Events recognised as echoes of the engine's own deliveries.
     echoes,
+    /// Events applied after a later event of their side (stream order broken upstream of the
+    /// user's actor): what they would have sent in order may be lost. Expected to stay 0.
+    late,
     /// Payload events of users not linked to Better Auth.
     skipped_unlinked,
     /// Delivery attempts that failed and were retried.

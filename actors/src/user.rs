@@ -60,6 +60,11 @@ pub enum UserMsg {
     KeepAlive,
     /// Check whether the actor has been idle long enough to stop (see [`linger`]).
     IdleCheck,
+    /// Save what only accepted deliveries changed, now (shutdown); answers whether it saved.
+    Flush(ractor::RpcReplyPort<bool>),
+    /// The store failed; time to try the load or save again, or a dead letter that could not
+    /// be stored.
+    RetryStore,
 }
 
 pub struct UserArgs {
@@ -87,6 +92,8 @@ struct Pending {
     event_ids: Vec<String>,
     /// The change of the state that decided it: it is sent once that change is durable.
     generation: u64,
+    /// It failed for good; only its dead letter is left to store (the store was down).
+    letter: Option<DeadLetter>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +226,31 @@ pub struct UserState {
     idle_armed: bool,
     keepalive_armed: bool,
     watchdog_armed: bool,
+    /// Store calls failed in a row; while a retry is armed, no event is applied.
+    store_failures: u32,
+    store_retry_armed: bool,
+    /// The store cannot load or keep this user's state: every event of it is dead-lettered.
+    poisoned: Option<Poison>,
     timers: Timers,
+}
+
+/// Why a user's events are dead-lettered as they come.
+#[derive(Debug, Clone)]
+struct Poison {
+    reason: &'static str,
+    error: String,
+}
+
+/// Store rejections of a user's state in a row before its events are dead-lettered.
+pub const STORE_REJECTIONS_MAX: u32 = 3;
+
+/// The wait before the store is tried again after `failures` failures in a row.
+fn store_retry_delay(failures: u32) -> Duration {
+    const FIRST: Duration = Duration::from_millis(100);
+    const LAST: Duration = Duration::from_secs(5);
+    FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(LAST)
 }
 
 /// The actor's pending timers. Each holds a reference to the actor, and with it the actor's
@@ -299,6 +330,9 @@ impl Actor for UserActor {
             idle_armed: false,
             keepalive_armed: false,
             watchdog_armed: false,
+            store_failures: 0,
+            store_retry_armed: false,
+            poisoned: None,
             timers: Timers::default(),
         })
     }
@@ -335,7 +369,10 @@ async fn handle_message(
     message: UserMsg,
     state: &mut UserState,
 ) -> Result<(), ActorProcessingErr> {
-    if !matches!(message, UserMsg::IdleCheck | UserMsg::KeepAlive) {
+    if !matches!(
+        message,
+        UserMsg::IdleCheck | UserMsg::KeepAlive | UserMsg::Flush(_)
+    ) {
         state.last_activity = Instant::now();
     }
     crate::ports::maybe_panic(state.args.ports.chaos.as_ref(), "user");
@@ -365,12 +402,24 @@ async fn handle_message(
             attempt_lost(&myself, state, side, token).await?;
         }
         UserMsg::Saved { generation, result } => {
-            // Failing hands every held message back to the source.
-            result?;
             if state.saving == Some(generation) {
                 state.saving = None;
             }
-            on_durable(&myself, state, generation).await;
+            match result {
+                Ok(()) => {
+                    state.store_failures = 0;
+                    on_durable(&myself, state, generation).await;
+                }
+                // Kept, not handed back: handing messages back lets the user's later events
+                // overtake them (JetStream redelivers in its own order).
+                Err(error) => store_failed(&myself, state, error).await?,
+            }
+        }
+        UserMsg::RetryStore => {
+            state.store_retry_armed = false;
+            for side in Origin::ALL {
+                store_letter_due(&myself, state, side).await;
+            }
         }
         UserMsg::Watchdog => {
             state.watchdog_armed = false;
@@ -396,6 +445,16 @@ async fn handle_message(
                 }
                 arm_keepalive(&myself, state);
             }
+        }
+        UserMsg::Flush(reply) => {
+            let saved = state.dirty && state.saving.is_none();
+            if saved {
+                if let Err(error) = save(state).await {
+                    tracing::warn!(message = "Saving a user's state at shutdown failed; its last deliveries may be repeated.", user = %state.args.key, %error);
+                }
+            }
+            let _ = reply.send(saved);
+            return Ok(());
         }
         UserMsg::IdleCheck => {
             state.idle_armed = false;
@@ -441,13 +500,24 @@ async fn handle_message(
             return Ok(());
         }
     }
-    while state.held.len() < HELD_MAX {
+    while state.held.len() < HELD_MAX && !state.store_retry_armed {
         let Some(routed) = state.backlog.pop_front() else {
             break;
         };
+        if let Some(poison) = state.poisoned.clone() {
+            dead_letter_event(state, routed, &poison).await;
+            continue;
+        }
+        if let Err(error) = ensure_loaded(state).await {
+            state.backlog.push_front(routed);
+            store_failed(&myself, state, error).await?;
+            continue;
+        }
         on_event(&myself, state, routed).await?;
     }
-    start_save(&myself, state).await?;
+    if !state.store_retry_armed {
+        start_save(&myself, state).await?;
+    }
     if !state.backlog.is_empty() {
         arm_keepalive(&myself, state);
     }
@@ -489,7 +559,7 @@ fn encode(state: &UserState) -> Option<ParkedState> {
 /// stopped before they settled) go to the head of their lines at once, in their original
 /// order, ahead of anything newer: their events may come back late, after newer ones, and
 /// must not be overtaken.
-async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> {
+async fn ensure_loaded(state: &mut UserState) -> Result<(), crate::PortError> {
     if state.sync.is_none() {
         let parked = state.args.parked.take().and_then(|parked| {
             crate::state_codec::decode(&parked)
@@ -544,6 +614,7 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), ActorProcessingErr> 
                     event_ids: vec![entry.event_id],
                     // Loaded, hence durable.
                     generation: 0,
+                    letter: None,
                 }),
             }
         }
@@ -561,7 +632,6 @@ async fn on_event(
         event,
         incoming,
     } = routed;
-    ensure_loaded(state).await?;
     if state.args.settings.faults.mark_before_delivery {
         let ids = [event.envelope.id.clone()];
         let _ = state.args.ports.dedup.mark(sink, &ids).await;
@@ -621,6 +691,10 @@ async fn on_event(
     );
     tracing::trace!(event_id = %envelope.id, ts = envelope.timestamp, fields = ?event.fields, sends = ?sends, "Event detail.");
     let stats = &state.args.stats;
+    if decision.late {
+        Stats::add(&stats.late);
+        tracing::warn!(message = "Event applied after a later event of its side.", event_id = %envelope.id, user = %state.args.key, sequence = incoming.sequence);
+    }
     match decision.verdict {
         Verdict::Echo => Stats::add(&stats.echoes),
         Verdict::Duplicate => Stats::add(&stats.duplicates),
@@ -667,6 +741,7 @@ async fn on_event(
                 raw: raw.clone(),
                 event_ids: vec![event_id.clone()],
                 generation,
+                letter: None,
             }),
         }
         if let Some(held) = state.held.get_mut(&seq) {
@@ -735,8 +810,13 @@ async fn start_save(
     state.dirty = false;
     // A store that commits at once (the simulator's) needs no round trip through the mailbox.
     if let Some(result) = futures::FutureExt::now_or_never(&mut saved) {
-        result?;
-        on_durable(myself, state, generation).await;
+        match result {
+            Ok(()) => {
+                state.store_failures = 0;
+                on_durable(myself, state, generation).await;
+            }
+            Err(error) => store_failed(myself, state, error).await?,
+        }
         return Ok(());
     }
     state.saving = Some(generation);
@@ -746,6 +826,130 @@ async fn start_save(
         let _ = myself.cast(UserMsg::Saved { generation, result });
     });
     Ok(())
+}
+
+/// A load or save failed. Everything stays in hand (held messages kept alive at the source,
+/// newer events waiting behind) and the store is tried again after a backoff, so the
+/// user's events are still applied in order once it answers. A state the store refuses again
+/// and again, or cannot decode, poisons the user: its events become dead letters.
+async fn store_failed(
+    myself: &ActorRef<UserMsg>,
+    state: &mut UserState,
+    error: crate::PortError,
+) -> Result<(), ActorProcessingErr> {
+    if state.args.settings.faults.fail_on_store_error {
+        // The broken variant (see `EngineFaults`).
+        return Err(error.into());
+    }
+    state.store_failures += 1;
+    state.dirty = true;
+    let poison = match &error {
+        crate::PortError::Corrupt { .. } => Some("corrupt_state"),
+        crate::PortError::Rejected { .. } if state.store_failures >= STORE_REJECTIONS_MAX => {
+            Some("store_rejected")
+        }
+        _ => None,
+    };
+    if let Some(reason) = poison {
+        tracing::error!(message = "The store cannot keep this user's state; its events are dead-lettered.", user = %state.args.key, reason, %error);
+        let poison = Poison {
+            reason,
+            error: error.to_string(),
+        };
+        poison_user(state, poison).await;
+        return Ok(());
+    }
+    let delay = store_retry_delay(state.store_failures);
+    if state.store_failures == 1 || state.store_failures % 10 == 0 {
+        tracing::warn!(message = "Store call failed; the user's events wait in order and it is tried again.", user = %state.args.key, failures = state.store_failures, retry_in_ms = delay.as_millis() as u64, %error);
+    }
+    arm_store_retry(myself, state, delay);
+    arm_keepalive(myself, state);
+    Ok(())
+}
+
+fn arm_store_retry(myself: &ActorRef<UserMsg>, state: &mut UserState, delay: Duration) {
+    if !state.store_retry_armed {
+        state.store_retry_armed = true;
+        after(myself, state, delay, || UserMsg::RetryStore);
+    }
+}
+
+/// Dead-letters everything the user's actor holds and stops its lines: what was not durable
+/// cannot be sent, and nothing of this user can be made durable.
+async fn poison_user(state: &mut UserState, poison: Poison) {
+    state.poisoned = Some(poison.clone());
+    state.sync = None;
+    state.saving = None;
+    state.dirty = false;
+    state.durable = state.changes;
+    for side in Origin::ALL {
+        let line = state.line(side);
+        line.queue.clear();
+        line.busy = Busy::Idle;
+    }
+    let held: Vec<Held> = std::mem::take(&mut state.held)
+        .0
+        .into_iter()
+        .map(|(_, held)| held)
+        .collect();
+    for held in held {
+        let letter = letter_for(state, &held.incoming, &held.event_id, held.sink, &poison);
+        settle_as_dead_letter(state, held.incoming, letter).await;
+    }
+}
+
+/// An event of a poisoned user: a dead letter at once.
+async fn dead_letter_event(state: &mut UserState, routed: Routed, poison: &Poison) {
+    let letter = letter_for(
+        state,
+        &routed.incoming,
+        &routed.event.envelope.id,
+        routed.sink,
+        poison,
+    );
+    settle_as_dead_letter(state, routed.incoming, letter).await;
+}
+
+fn letter_for(
+    state: &UserState,
+    incoming: &Incoming,
+    event_id: &str,
+    sink: Sink,
+    poison: &Poison,
+) -> DeadLetter {
+    DeadLetter {
+        subject: incoming.subject.clone(),
+        raw: incoming.payload.clone(),
+        reason: poison.reason.to_string(),
+        event_id: Some(event_id.to_string()),
+        sink: Some(sink.as_str().to_string()),
+        attempts: 0,
+        last_error: Some(poison.error.clone()),
+        received_at_ms: state.args.ports.clock.now_ms(),
+    }
+}
+
+/// Stores the dead letter, then acknowledges the message; if the dead letter cannot be
+/// stored, the message goes back to the source.
+async fn settle_as_dead_letter(state: &mut UserState, incoming: Incoming, letter: DeadLetter) {
+    let reason = letter.reason.clone();
+    let sink = letter.sink.clone().unwrap_or_default();
+    match state.args.ports.store.dead_letter(letter).await {
+        Ok(()) => {
+            state
+                .args
+                .stats
+                .dead_letters
+                .add(&[reason.as_str(), sink.as_str()]);
+            Stats::add(&state.args.stats.acked);
+            incoming.ack().await;
+        }
+        Err(error) => {
+            tracing::warn!(message = "Storing a dead letter failed; the message comes back.", user = %state.args.key, %error);
+            incoming.nak(MARK_RETRY_DELAY).await;
+        }
+    }
 }
 
 /// Change `generation` is durable: what waited for it is settled, and may be sent.
@@ -852,7 +1056,7 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
     let Some(head) = line.queue.front_mut() else {
         return;
     };
-    if head.generation > durable {
+    if head.generation > durable || head.letter.is_some() {
         return;
     }
     head.attempts += 1;
@@ -949,11 +1153,11 @@ async fn on_delivered(
         }
         return Ok(());
     }
-    let Some(failed) = state.line(side).queue.pop_front() else {
+    let now_ms = state.args.ports.clock.now_ms();
+    let Some(failed) = state.line(side).queue.front_mut() else {
         return Ok(());
     };
-    state.line(side).busy = Busy::Idle;
-    let letter = DeadLetter {
+    failed.letter = Some(DeadLetter {
         subject: failed.subject.clone(),
         raw: failed.raw.clone(),
         reason: if permanent {
@@ -965,26 +1169,61 @@ async fn on_delivered(
         sink: Some(sink.as_str().to_string()),
         attempts,
         last_error: Some(error.clone()),
-        received_at_ms: state.args.ports.clock.now_ms(),
+        received_at_ms: now_ms,
+    });
+    tracing::error!(message = "Delivery dead-lettered.", webhook_id = %head_id, user = %state.args.key, %sink, attempt = attempts, %error);
+    state.line(side).busy = Busy::Idle;
+    store_letter_due(myself, state, side).await;
+    Ok(())
+}
+
+/// The head of `side`'s line failed for good: its dead letter is stored, then what waited for
+/// it settles once that change of the state is durable. While the store cannot take the dead
+/// letter, the line waits (nothing behind it may overtake it) and it is tried again.
+async fn store_letter_due(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
+    let Some(letter) = state
+        .line(side)
+        .queue
+        .front()
+        .and_then(|head| head.letter.clone())
+    else {
+        return;
     };
-    tracing::error!(message = "Delivery dead-lettered.", webhook_id = %failed.send.webhook_id, user = %state.args.key, %sink, attempt = attempts, %error);
-    // Not durable means not acknowledged: failing here hands the messages back.
-    state.args.ports.store.dead_letter(letter).await?;
+    let reason = letter.reason.clone();
+    if let Err(error) = state.args.ports.store.dead_letter(letter).await {
+        state.store_failures += 1;
+        let delay = store_retry_delay(state.store_failures);
+        tracing::warn!(message = "Storing a dead letter failed; the line waits and it is tried again.", user = %state.args.key, retry_in_ms = delay.as_millis() as u64, %error);
+        arm_store_retry(myself, state, delay);
+        arm_keepalive(myself, state);
+        return;
+    }
+    let Some(failed) = state.line(side).queue.pop_front() else {
+        return;
+    };
+    let sink = Sink::for_side(side);
+    state
+        .args
+        .stats
+        .dead_letters
+        .add(&[reason.as_str(), sink.as_str()]);
     if let Some(sync) = state.sync.as_mut() {
         sync.on_dead_lettered(side, &failed.send.state, &failed.event_ids);
     }
-    save(state).await?;
-    stats.dead_letters.add(&[
-        if permanent {
-            "delivery_rejected"
-        } else {
-            "delivery_failed"
-        },
-        sink.as_str(),
-    ]);
+    // Nothing that waited for it settles, and nothing behind it is sent, before the state
+    // without it is durable: a crash in between would send it again after newer ones.
+    state.changes += 1;
+    let generation = state.changes;
+    for seq in &failed.waiting {
+        if let Some(held) = state.held.get_mut(seq) {
+            held.generation = held.generation.max(generation);
+        }
+    }
+    if let Some(next) = state.line(side).queue.front_mut() {
+        next.generation = next.generation.max(generation);
+    }
     release(state, &failed.waiting, false).await;
     pump(myself, state, side);
-    Ok(())
 }
 
 /// One delivery the held messages waited for is settled: `accepted`, or dead-lettered.

@@ -53,6 +53,7 @@ pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings
         idle_cache_bytes: config.engine.idle_state_cache_mb << 20,
         ack_wait: config.nats.ack_wait,
         max_message_bytes: config.nats.max_message_bytes,
+        max_deliver: u64::try_from(config.nats.max_deliver).ok(),
         fetch_batch: FETCH_BATCH,
         mappings: config.mappings(),
         policy: Policy {
@@ -160,7 +161,6 @@ pub async fn run(
         ));
         consumers.push((sink, consumer));
     }
-    wait_for_orphaned_messages(&mut consumers, config.nats.ack_wait).await;
     let mirror = if config.mirror.enabled {
         let table = PgMirror::connect(&config.mirror).await?;
         let consumer =
@@ -258,30 +258,6 @@ async fn start_servers(
     let listener = server::bind(config.http.listen, "http.listen").await?;
     servers.push(server::serve(listener, app));
     Ok(servers)
-}
-
-/// Messages a previous run held unacknowledged (it crashed) come back only when their ack
-/// deadline passes, and JetStream then serves them before newer ones. Pulling before that
-/// would let a user's newer events overtake its older ones, so wait out one `ack_wait`.
-async fn wait_for_orphaned_messages(
-    consumers: &mut [(Sink, async_nats::jetstream::consumer::PullConsumer)],
-    ack_wait: std::time::Duration,
-) {
-    let mut orphaned = 0;
-    for (sink, consumer) in consumers.iter_mut() {
-        match consumer.info().await {
-            Ok(info) => orphaned += info.num_ack_pending,
-            Err(error) => tracing::warn!(message = "Cannot read consumer info.", %sink, %error),
-        }
-    }
-    if orphaned > 0 {
-        tracing::warn!(
-            message = "Messages of an earlier run are still unacknowledged; waiting for their redelivery so per-user order holds.",
-            n_pending = orphaned,
-            wait = ?ack_wait,
-        );
-        tokio::time::sleep(ack_wait + std::time::Duration::from_millis(250)).await;
-    }
 }
 
 fn store_kind(url: &str) -> &'static str {

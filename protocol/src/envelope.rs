@@ -102,6 +102,9 @@ pub enum BadEvent {
     UnknownType,
     UnknownOrigin,
     TooLarge,
+    /// A user id that is not a usable key: longer than [`crate::user::USER_ID_BYTES_MAX`], or
+    /// holding a control character (NUL, CR, LF...).
+    InvalidUserId,
 }
 
 impl BadEvent {
@@ -120,6 +123,7 @@ impl fmt::Display for BadEvent {
             BadEvent::UnknownType => f.write_str("unknown_type"),
             BadEvent::UnknownOrigin => f.write_str("unknown_origin"),
             BadEvent::TooLarge => f.write_str("too_large"),
+            BadEvent::InvalidUserId => f.write_str("invalid_user_id"),
         }
     }
 }

@@ -141,7 +141,12 @@ impl FieldMapping {
                 Origin::Payload => Ok(None),
                 Origin::BetterAuth => Err(BadEvent::MissingField(format!("data.{field}"))),
             },
-            Some(Value::String(key)) if !key.is_empty() => Ok(Some(UserKey::new(key.clone()))),
+            Some(Value::String(key)) if !key.is_empty() => {
+                if !is_valid_user_id(key) {
+                    return Err(BadEvent::InvalidUserId);
+                }
+                Ok(Some(UserKey::new(key.clone())))
+            }
             Some(_) => Err(BadEvent::InvalidField(format!("data.{field}"))),
         }
     }
@@ -159,6 +164,17 @@ impl FieldMapping {
             Some(_) => Err(BadEvent::InvalidField(format!("data.{field}"))),
         }
     }
+}
+
+/// The longest user id, in bytes: ids are keys in the store's index and tokens of NATS
+/// subjects, and every real id system stays far below it.
+pub const USER_ID_BYTES_MAX: usize = 256;
+
+/// Whether `id` can be a user key: at most [`USER_ID_BYTES_MAX`] bytes of UTF-8 (a JSON string
+/// always is) with no control character, so that it is storable in any database and can never
+/// break a header, a log line or a subject on the wire.
+pub fn is_valid_user_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= USER_ID_BYTES_MAX && !id.chars().any(char::is_control)
 }
 
 /// Both sides' mappings, looked up by origin.
@@ -270,5 +286,27 @@ mod tests {
             bad_key,
             Err(BadEvent::InvalidField("data.betterAuthUserId".into()))
         );
+    }
+
+    #[test]
+    fn user_ids_that_cannot_be_keys_are_bad_events() {
+        let mappings = Mappings::default();
+        let event = |id: &str| {
+            let body = json!({"id": "e", "origin": "better-auth", "type": "user.updated",
+                "timestamp": 1, "data": {"id": id, "email": "x@y"}});
+            Event::parse(body.to_string().as_bytes(), 65536, &mappings).map(|e| e.key)
+        };
+        for bad in [
+            "a\u{0}b",
+            "line\r\nbreak",
+            "tab\there",
+            &"x".repeat(USER_ID_BYTES_MAX + 1),
+        ] {
+            assert_eq!(event(bad), Err(BadEvent::InvalidUserId), "{bad:?}");
+        }
+        assert_eq!(BadEvent::InvalidUserId.reason(), "invalid_user_id");
+        let longest = "é".repeat(USER_ID_BYTES_MAX / 2);
+        assert_eq!(event(&longest), Ok(Some(UserKey::new(longest.clone()))));
+        assert_eq!(event("u_123:ok-id"), Ok(Some(UserKey::new("u_123:ok-id"))));
     }
 }

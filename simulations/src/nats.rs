@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actors::ports::{Acker, BoxFuture, EventSource, Incoming};
+use actors::ports::{AckReply, Acker, BoxFuture, EventSource, Incoming};
 use actors::{PortError, Sink};
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -154,10 +154,19 @@ impl FakeNats {
     }
 
     /// A crash: acks and naks of the current run no longer count.
+    /// A new engine run. As the engine does at startup when an earlier run left messages
+    /// unacknowledged, each consumer starts again at its ack floor: everything after it comes
+    /// again, at once and in stream order (acknowledged ones too).
     pub fn new_epoch(&self) -> u64 {
         match self.state.lock() {
             Ok(mut state) => {
                 state.epoch += 1;
+                for consumer in state.consumers.values_mut() {
+                    if let Some(first) = consumer.pending.keys().next().copied() {
+                        consumer.cursor = consumer.cursor.min(first as usize - 1);
+                        consumer.pending.clear();
+                    }
+                }
                 state.epoch
             }
             // A poisoned lock means a panic inside the fake itself: the run's verdict shows it.
@@ -252,20 +261,17 @@ impl FakeNats {
                 1
             };
             for _ in 0..copies {
-                out.push(
-                    Incoming::new(
-                        stored.subject.clone(),
-                        stored.payload.clone(),
-                        delivered,
-                        Arc::new(FakeAcker {
-                            nats: self.clone(),
-                            sink,
-                            seq,
-                            epoch,
-                        }),
-                    )
-                    .with_sequence(seq),
-                );
+                out.push(Incoming::from_jetstream(
+                    stored.subject.clone(),
+                    stored.payload.clone(),
+                    &AckReply::subject("SIM", sink.as_str(), delivered, seq),
+                    Arc::new(FakeAcker {
+                        nats: self.clone(),
+                        sink,
+                        seq,
+                        epoch,
+                    }),
+                ));
             }
             self.trace.record(
                 now,

@@ -1,9 +1,19 @@
 //! In-memory dedup and state stores with injected errors. The state store keeps only what was
 //! committed, and outlives engine crashes; the dedup store outlives them too (as Redis would)
 //! unless the seed makes it volatile (the memory backend).
+//!
+//! The state store commits as the engine's does: saves queue at once (a load sees the latest
+//! queued one) and one committer writes every save waiting at a tick in one transaction, which
+//! fails as a whole. During an outage window every call fails; a batch in flight when it
+//! starts may be committed all the same while its savers are told it failed (the connection
+//! broke after COMMIT was sent), which a real connection pool does too.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use actors::ports::{BoxFuture, DeadLetter, DedupStore, StateStore};
 use actors::sync::SyncState;
@@ -104,28 +114,119 @@ impl DedupStore for MemDedup {
     }
 }
 
+/// Windows of virtual time in which the store answers nothing but errors.
+#[derive(Debug, Clone, Default)]
+pub struct Outages(pub Vec<(u64, u64)>);
+
+impl Outages {
+    /// Up to two outages of 0.5–8 s within the first `span_ms` of the run.
+    pub fn draw(rng: &mut SimRng, span_ms: u64) -> Outages {
+        let n = rng.below(3);
+        Outages(
+            (0..n)
+                .map(|_| {
+                    let start = rng.below(span_ms.max(1));
+                    (start, start + rng.range(500, 8_000))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn covers(&self, at_ms: u64) -> bool {
+        self.0
+            .iter()
+            .any(|(start, end)| (*start..*end).contains(&at_ms))
+    }
+}
+
+/// How long a commit takes: saves arriving meanwhile wait for the next one.
+const COMMIT_TICK: Duration = Duration::from_millis(2);
+
+/// The chance that a batch failing at an outage's edge was committed anyway.
+const UNKNOWN_OUTCOME: f64 = 0.3;
+
+/// A save waiting for the committer.
+struct QueuedSave {
+    key: UserKey,
+    state: SyncState,
+    seq: u64,
+    epoch: u64,
+    done: oneshot::Sender<Result<(), PortError>>,
+}
+
 #[derive(Debug)]
-pub struct MemStore {
+struct Shared {
     users: Mutex<BTreeMap<UserKey, SyncState>>,
-    pub dead_letters: Mutex<Vec<DeadLetter>>,
+    /// Saves queued and not yet committed (or failed): the latest per user, with its place.
+    pending: Mutex<BTreeMap<UserKey, (u64, SyncState)>>,
     flaky: Flaky,
+    outages: Outages,
     clock: Arc<SimClock>,
     trace: Arc<Trace>,
+    /// The engine run whose saves are queued; a crash drops the dead run's queue.
+    epoch: AtomicU64,
+}
+
+impl Shared {
+    fn fails(&self) -> bool {
+        self.outages.covers(self.clock.virt_ms()) || self.flaky.fails()
+    }
+}
+
+#[derive(Debug)]
+pub struct MemStore {
+    shared: Arc<Shared>,
+    pub dead_letters: Mutex<Vec<DeadLetter>>,
+    queue: mpsc::UnboundedSender<QueuedSave>,
+    next_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for QueuedSave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedSave")
+            .field("key", &self.key)
+            .finish()
+    }
 }
 
 impl MemStore {
-    pub fn new(flaky: Flaky, clock: Arc<SimClock>, trace: Arc<Trace>) -> Self {
-        MemStore {
+    /// Starts the committer on the current runtime.
+    pub fn new(
+        flaky: Flaky,
+        outages: Outages,
+        commit_rng: SimRng,
+        clock: Arc<SimClock>,
+        trace: Arc<Trace>,
+    ) -> Self {
+        let shared = Arc::new(Shared {
             users: Mutex::new(BTreeMap::new()),
-            dead_letters: Mutex::new(Vec::new()),
+            pending: Mutex::new(BTreeMap::new()),
             flaky,
+            outages,
             clock,
             trace,
+            epoch: AtomicU64::new(0),
+        });
+        let (queue, saves) = mpsc::unbounded_channel();
+        tokio::spawn(commit(shared.clone(), saves, commit_rng));
+        MemStore {
+            shared,
+            dead_letters: Mutex::new(Vec::new()),
+            queue,
+            next_seq: AtomicU64::new(0),
         }
     }
 
     pub fn heal(&self) {
-        self.flaky.heal();
+        self.shared.flaky.heal();
+    }
+
+    /// The engine died: what it had queued and not committed dies with it.
+    pub fn crash(&self) {
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.clear();
+        }
     }
 
     pub fn take_dead_letters(&self, filter: impl Fn(&DeadLetter) -> bool) -> Vec<DeadLetter> {
@@ -138,17 +239,73 @@ impl MemStore {
     }
 }
 
+/// The committer: every save waiting at a tick, one transaction; it fails as a whole.
+async fn commit(
+    shared: Arc<Shared>,
+    mut saves: mpsc::UnboundedReceiver<QueuedSave>,
+    mut rng: SimRng,
+) {
+    let mut batch = Vec::new();
+    while saves.recv_many(&mut batch, usize::MAX).await > 0 {
+        tokio::time::sleep(COMMIT_TICK).await;
+        let epoch = shared.epoch.load(Ordering::SeqCst);
+        batch.retain(|save| save.epoch == epoch);
+        let failed = shared.fails();
+        let applied = !failed || rng.chance(UNKNOWN_OUTCOME);
+        shared.trace.record(
+            shared.clock.virt_ms(),
+            "store",
+            "commit",
+            format_args!("saves={} failed={failed} applied={applied}", batch.len()),
+        );
+        for save in batch.drain(..) {
+            if let Ok(mut pending) = shared.pending.lock() {
+                if pending
+                    .get(&save.key)
+                    .is_some_and(|(seq, _)| *seq == save.seq)
+                {
+                    pending.remove(&save.key);
+                }
+            }
+            if applied {
+                if let Ok(mut users) = shared.users.lock() {
+                    users.insert(save.key, save.state);
+                }
+            }
+            let result = if failed {
+                Err(PortError::unavailable("store", "injected error"))
+            } else {
+                Ok(())
+            };
+            let _ = save.done.send(result);
+        }
+    }
+}
+
 impl StateStore for MemStore {
     fn load_user<'a>(
         &'a self,
         key: &'a UserKey,
     ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>> {
-        let result = if self.flaky.fails() {
+        let result = if self.shared.fails() {
             Err(PortError::unavailable("store", "injected error"))
         } else {
-            // A copy, not the live state: only what was committed survives a crash. (That the
-            // state survives its serialization is the real stores' tests' concern.)
-            Ok(self.users.lock().ok().and_then(|m| m.get(key).cloned()))
+            // A copy, not the live state: only what was committed (or is queued) survives a
+            // crash. (That the state survives its serialization is the real stores' tests'
+            // concern.)
+            let queued = self
+                .shared
+                .pending
+                .lock()
+                .ok()
+                .and_then(|p| p.get(key).map(|(_, state)| state.clone()));
+            Ok(queued.or_else(|| {
+                self.shared
+                    .users
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(key).cloned())
+            }))
         };
         Box::pin(async move { result })
     }
@@ -158,23 +315,40 @@ impl StateStore for MemStore {
         key: &UserKey,
         state: &SyncState,
     ) -> BoxFuture<'static, Result<(), PortError>> {
-        let result = if self.flaky.fails() {
-            Err(PortError::unavailable("store", "injected error"))
-        } else {
-            if let Ok(mut m) = self.users.lock() {
-                m.insert(key.clone(), state.clone());
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.insert(key.clone(), (seq, state.clone()));
+        }
+        let (done, committed) = oneshot::channel();
+        let queued = self
+            .queue
+            .send(QueuedSave {
+                key: key.clone(),
+                state: state.clone(),
+                seq,
+                epoch: self.shared.epoch.load(Ordering::SeqCst),
+                done,
+            })
+            .is_ok();
+        Box::pin(async move {
+            if !queued {
+                return Err(PortError::unavailable("store", "the committer stopped"));
             }
-            Ok(())
-        };
-        Box::pin(async move { result })
+            committed.await.unwrap_or_else(|_| {
+                Err(PortError::unavailable(
+                    "store",
+                    "the engine died before the commit",
+                ))
+            })
+        })
     }
 
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>> {
-        let result = if self.flaky.fails() {
+        let result = if self.shared.fails() {
             Err(PortError::unavailable("store", "injected error"))
         } else {
-            self.trace.record(
-                self.clock.virt_ms(),
+            self.shared.trace.record(
+                self.shared.clock.virt_ms(),
                 "store",
                 "dead_letter",
                 format_args!("{} {} {:?}", letter.reason, letter.subject, letter.event_id),

@@ -20,7 +20,7 @@ use crate::clock::{SimClock, SimEntropy};
 use crate::nats::{FakeNats, NatsFaults};
 use crate::oracle::Oracle;
 use crate::rng::SimRng;
-use crate::stores::{Flaky, MemDedup, MemStore};
+use crate::stores::{Flaky, MemDedup, MemStore, Outages};
 use crate::trace::Trace;
 
 /// The signing secret of the simulated receivers (test-only).
@@ -50,10 +50,12 @@ pub enum Variant {
     EchoLastOnly,
     /// (g) never re-send canonical to the origin
     NoResync,
+    /// (h) a store error fails the user's actor, handing its messages back
+    FailOnStoreError,
 }
 
 impl Variant {
-    pub const BROKEN: [Variant; 7] = [
+    pub const BROKEN: [Variant; 8] = [
         Variant::MarkBeforeDelivery,
         Variant::AckBeforeDurable,
         Variant::Unordered,
@@ -61,6 +63,7 @@ impl Variant {
         Variant::NoEchoSuppression,
         Variant::EchoLastOnly,
         Variant::NoResync,
+        Variant::FailOnStoreError,
     ];
 
     pub fn parse(name: &str) -> Option<Variant> {
@@ -73,6 +76,7 @@ impl Variant {
             "no-echo-suppression" => Variant::NoEchoSuppression,
             "echo-last-only" => Variant::EchoLastOnly,
             "no-resync" => Variant::NoResync,
+            "fail-on-store-error" => Variant::FailOnStoreError,
             _ => return None,
         })
     }
@@ -87,6 +91,7 @@ impl Variant {
             Variant::NoEchoSuppression => "no-echo-suppression",
             Variant::EchoLastOnly => "echo-last-only",
             Variant::NoResync => "no-resync",
+            Variant::FailOnStoreError => "fail-on-store-error",
         }
     }
 
@@ -102,6 +107,7 @@ impl Variant {
             Variant::NoEchoSuppression => sync.no_echo_suppression = true,
             Variant::EchoLastOnly => sync.echo_last_only = true,
             Variant::NoResync => sync.no_resync = true,
+            Variant::FailOnStoreError => engine.fail_on_store_error = true,
         }
         (engine, sync)
     }
@@ -260,6 +266,8 @@ struct SimChaos {
     rng: Mutex<SimRng>,
     trace: Arc<Trace>,
     clock: Arc<SimClock>,
+    /// Panics injected: each drops the messages its actor held, to be redelivered in any order.
+    panics: AtomicU64,
 }
 
 impl Chaos for SimChaos {
@@ -269,6 +277,7 @@ impl Chaos for SimChaos {
         if hit {
             self.trace
                 .record(self.clock.virt_ms(), site, "panic", "injected");
+            self.panics.fetch_add(1, Ordering::SeqCst);
         }
         hit
     }
@@ -431,8 +440,16 @@ async fn run_world(options: &SimOptions) -> SimReport {
         swarm.dedup_errors,
         SimRng::stream(root, "dedup"),
     )));
+    let span_ms = options.events * (swarm.gap_max_ms / 2 + 1);
+    let outages = if options.profile == Profile::Calm {
+        Outages::default()
+    } else {
+        Outages::draw(&mut SimRng::stream(root, "store-outages"), span_ms)
+    };
     let store = Arc::new(MemStore::new(
         Flaky::new(swarm.store_errors, SimRng::stream(root, "store")),
+        outages,
+        SimRng::stream(root, "commits"),
         clock.clone(),
         trace.clone(),
     ));
@@ -441,6 +458,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
         rng: Mutex::new(SimRng::stream(root, "chaos")),
         trace: trace.clone(),
         clock: clock.clone(),
+        panics: AtomicU64::new(0),
     });
     let (engine_faults, sync_faults) = options.variant.faults();
     let settings = Arc::new(PipelineSettings {
@@ -449,6 +467,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
         idle_cache_bytes: swarm.idle_cache_bytes,
         ack_wait: ACK_WAIT,
         max_message_bytes: MAX_MESSAGE_BYTES,
+        max_deliver: None,
         fetch_batch: 32,
         mappings: Mappings::default(),
         policy: Policy {
@@ -492,7 +511,6 @@ async fn run_world(options: &SimOptions) -> SimReport {
         oracle.clone(),
     ));
     let mut crash_rng = SimRng::stream(root, "crashes");
-    let span_ms = options.events * (swarm.gap_max_ms / 2 + 1);
     let mut crash_at: Vec<u64> = (0..swarm.crashes)
         .map(|_| crash_rng.below(span_ms.max(1)))
         .collect();
@@ -509,11 +527,10 @@ async fn run_world(options: &SimOptions) -> SimReport {
         }
         let epoch = nats.new_epoch();
         engine.epoch.store(epoch, Ordering::SeqCst);
+        store.crash();
         if swarm.volatile_dedup {
             dedup.forget_all();
         }
-        // As the engine does at startup after a crash: let the dead run's messages come due.
-        tokio::time::sleep(ACK_WAIT + Duration::from_millis(250)).await;
         trace.record(clock.virt_ms(), "world", "restart", epoch);
         pipeline = engine.start().await;
     }
@@ -656,6 +673,18 @@ async fn run_world(options: &SimOptions) -> SimReport {
         problems.push(format!(
             "[loop] {applied} deliveries applied for {} changes (bound {bound})",
             oracle.changes
+        ));
+    }
+    // A user's events reach its actor in stream order, whatever fails (a store outage, a
+    // crash): one applied after a later event of its side may have been acknowledged without
+    // the delivery it would have made. Handler panics are bugs by definition and drop what the
+    // actor held, and a volatile dedup memory forgets, after a crash, events that must then be
+    // told from late ones by their timestamps alone: those runs are not held to it.
+    let late = Stats::get(&engine.stats.late);
+    let panics = chaos.panics.load(Ordering::SeqCst);
+    if late > 0 && panics == 0 && !(swarm.volatile_dedup && swarm.crashes > 0) {
+        problems.push(format!(
+            "[order] {late} events applied after a later event of their side: acknowledged without the delivery they would have made"
         ));
     }
     let unsettled = nats.unsettled();
@@ -843,6 +872,11 @@ fn bad_message(rng: &mut SimRng, step: u64) -> (String, Vec<u8>, String) {
         4 => (
             json!({"id": format!("bad-{step}"), "origin": "better-auth", "type": "user.updated", "timestamp": ts, "data": {"id": "u0", "email": "x@x", "bio": "x".repeat(MAX_MESSAGE_BYTES)}}).to_string().into_bytes(),
             "too_large",
+        ),
+        // A user id no store index or subject can take (a NUL, or far too long).
+        _ if step % 2 == 0 => (
+            json!({"id": format!("bad-{step}"), "origin": "better-auth", "type": "user.created", "timestamp": ts, "data": {"id": if step % 4 == 0 { "u\u{0}0".to_string() } else { "u".repeat(3000) }, "email": "x@x"}}).to_string().into_bytes(),
+            "invalid_user_id",
         ),
         _ => (
             json!({"id": format!("bad-{step}"), "origin": "better-auth", "type": "user.created", "timestamp": ts, "data": {"id": "u0"}}).to_string().into_bytes(),

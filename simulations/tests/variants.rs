@@ -6,7 +6,7 @@
 use simulations::{run, SimOptions, Variant};
 
 /// (variant, first failing seed, the invariant tags the failure must include)
-const CAUGHT: [(Variant, u64, &[&str]); 7] = [
+const CAUGHT: [(Variant, u64, &[&str]); 8] = [
     // (a) an id marked processed before delivery: a redelivery is skipped, the change is lost
     // (here a deletion never reaches the other side).
     (Variant::MarkBeforeDelivery, 7, &["[deleted]", "[converge]"]),
@@ -22,6 +22,10 @@ const CAUGHT: [(Variant, u64, &[&str]); 7] = [
     (Variant::EchoLastOnly, 2, &["[converge]"]),
     // (g) canonical never re-sent to the origin: a side whose write lost keeps it.
     (Variant::NoResync, 6, &["[converge]"]),
+    // (h) a store error fails the user's actor: its messages come back in JetStream's order,
+    // and an older event applied after a newer one of its side is acknowledged without the
+    // delivery it would have made (the PostgreSQL-outage gaps: "e1 twice, e2 never").
+    (Variant::FailOnStoreError, 29, &["[order]"]),
 ];
 
 #[test]

@@ -151,6 +151,11 @@ pub struct SideState {
     /// Shared until written, like the record's history: most saves do not touch it.
     #[serde(default)]
     pub held_values: Arc<BTreeMap<String, VecDeque<HeldValue>>>,
+    /// The highest stream sequence of this side's events applied. A side's events reach the
+    /// engine in stream order unless something handed them back out of order; one that comes
+    /// below it, and is no duplicate, is applied late (see [`Decision::late`]).
+    #[serde(default)]
+    pub applied_sequence: u64,
 }
 
 /// One value a side held: (earliest time, hash of the value, whether it only ever came from
@@ -191,6 +196,7 @@ impl Default for SideState {
             reported: Arc::default(),
             reported_ts_ms: 0,
             held_values: Arc::default(),
+            applied_sequence: 0,
         }
     }
 }
@@ -275,6 +281,9 @@ pub struct Decision {
     pub sends: Vec<Send>,
     /// The sends come from the stored outbox: queue them, do not record them again.
     pub replayed: bool,
+    /// The event was applied after a later event of its side (by stream sequence): whatever
+    /// it would have sent in its place may be lost (`sync_engine_late_events_total`).
+    pub late: bool,
 }
 
 /// Switches that deliberately break the machine, so the simulator can prove it notices.
@@ -375,13 +384,21 @@ impl SyncState {
         // An event older than one its side already reported may have been handled before and
         // forgotten (a republish after the dedup memory was lost): its ids are not safe either.
         let stale = event.timestamp_ms < self.side(event.origin).reported_ts_ms;
+        let applied = self.side(event.origin).applied_sequence;
         let verdict = self.classify_and_apply(event, policy);
+        let late =
+            matches!(verdict, Verdict::Merged(_)) && event.sequence > 0 && event.sequence < applied;
+        if verdict != Verdict::Duplicate {
+            let side = self.side_mut(event.origin);
+            side.applied_sequence = side.applied_sequence.max(event.sequence);
+        }
         if verdict == Verdict::Duplicate {
             if queued(event.id) {
                 return Decision {
                     verdict,
                     sends: Vec::new(),
                     replayed: false,
+                    late: false,
                 };
             }
             let stored: Vec<Send> = self
@@ -395,6 +412,7 @@ impl SyncState {
                     verdict,
                     sends: stored,
                     replayed: true,
+                    late: false,
                 };
             }
         }
@@ -441,6 +459,7 @@ impl SyncState {
             verdict,
             sends,
             replayed: false,
+            late,
         }
     }
 

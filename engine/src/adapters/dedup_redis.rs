@@ -4,23 +4,92 @@
 //! Marks are group-committed: every user actor marks its own message's id once the message
 //! is done, thousands a second, so one task sends every mark waiting at a moment as one
 //! pipeline instead of one round trip each.
+//!
+//! Every call has a time limit, and a connection that breaks or stops answering is dropped:
+//! the next call opens a new one. A Redis outage costs retries, never a stall.
 
 use actors::ports::{BoxFuture, DedupStore};
 use actors::{PortError, Sink};
 use protocol::Secret;
-use redis::aio::ConnectionManager;
-use redis::IntoConnectionInfo;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError};
 
 use crate::config::{set, DedupConfig};
 use crate::redact;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// How long one call to Redis (a connect, a command, a pipeline) may take.
+pub const REDIS_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Marks sent by one pipeline at most, so a huge backlog still goes out in steps.
 const MARKS_PER_PIPELINE: usize = 4_096;
 
+/// The connection in use, opened again after it failed.
+struct Link {
+    client: redis::Client,
+    connection: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl Link {
+    async fn connect(client: &redis::Client) -> Result<MultiplexedConnection, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(REDIS_CALL_TIMEOUT)
+            .set_response_timeout(REDIS_CALL_TIMEOUT);
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// The open connection, or a new one.
+    async fn get(&self) -> Result<MultiplexedConnection, PortError> {
+        let mut connection = self.connection.lock().await;
+        if let Some(open) = connection.as_ref() {
+            return Ok(open.clone());
+        }
+        let opened = tokio::time::timeout(REDIS_CALL_TIMEOUT, Self::connect(&self.client))
+            .await
+            .map_err(|_| PortError::unavailable("redis", "connect timed out"))?
+            .map_err(|e| PortError::unavailable("redis", redact::text(&e.to_string())))?;
+        *connection = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// Runs `call` on the connection within [`REDIS_CALL_TIMEOUT`]; a failure that is not
+    /// Redis' own answer drops the connection, so the next call opens another.
+    async fn run<T, F>(&self, call: impl FnOnce(MultiplexedConnection) -> F) -> Result<T, PortError>
+    where
+        F: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let connection = self.get().await?;
+        let result = tokio::time::timeout(REDIS_CALL_TIMEOUT, call(connection)).await;
+        let error = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) if is_answer(&error) => {
+                return Err(PortError::unavailable(
+                    "redis",
+                    redact::text(&error.to_string()),
+                ))
+            }
+            Ok(Err(error)) => redact::text(&error.to_string()),
+            Err(_) => "no answer in time".to_string(),
+        };
+        *self.connection.lock().await = None;
+        Err(PortError::unavailable("redis", error))
+    }
+}
+
+/// An error Redis answered with (the connection is fine), rather than a broken connection.
+fn is_answer(error: &RedisError) -> bool {
+    !(error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error())
+}
+
 #[derive(Clone)]
 pub struct RedisDedup {
-    connection: ConnectionManager,
+    link: std::sync::Arc<Link>,
     prefix: String,
     marks: mpsc::UnboundedSender<Mark>,
 }
@@ -44,20 +113,28 @@ impl RedisDedup {
     /// CA) with the password of `redis_password_env` when one is named.
     pub async fn connect(config: &DedupConfig, password: Option<&Secret>) -> anyhow::Result<Self> {
         let client = client(config, password)?;
-        let connection = ConnectionManager::new(client).await.map_err(|e| {
-            anyhow::anyhow!(
-                "dedup.redis_url: cannot connect to Redis at {}: {}",
-                redact::url(&config.redis_url),
-                redact::text(&e.to_string())
-            )
-        })?;
+        let connection = tokio::time::timeout(REDIS_CALL_TIMEOUT * 5, Link::connect(&client))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in time"))
+            .and_then(|opened| opened.map_err(|e| anyhow::anyhow!("{e}")))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "dedup.redis_url: cannot connect to Redis at {}: {}",
+                    redact::url(&config.redis_url),
+                    redact::text(&e.to_string())
+                )
+            })?;
+        let link = std::sync::Arc::new(Link {
+            client,
+            connection: Mutex::new(Some(connection)),
+        });
         let (marks, waiting) = mpsc::unbounded_channel();
         let ttl_ms = u64::try_from(config.ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        tokio::spawn(write_marks(connection.clone(), ttl_ms, waiting));
+        tokio::spawn(write_marks(link.clone(), ttl_ms, waiting));
         Ok(RedisDedup {
-            connection,
+            link,
             prefix: config.key_prefix.clone(),
             marks,
         })
@@ -72,9 +149,12 @@ impl RedisDedup {
         if self.marks.is_closed() {
             return false;
         }
-        let mut connection = self.connection.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
+        self.link
+            .run(|mut connection| async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+            })
             .await
             .is_ok()
     }
@@ -125,10 +205,11 @@ impl DedupStore for RedisDedup {
             for id in ids {
                 pipe.exists(self.key(sink, id));
             }
-            let mut connection = self.connection.clone();
-            pipe.query_async::<Vec<bool>>(&mut connection)
+            self.link
+                .run(|mut connection| async move {
+                    pipe.query_async::<Vec<bool>>(&mut connection).await
+                })
                 .await
-                .map_err(|e| PortError::unavailable("redis", e))
         })
     }
 
@@ -153,7 +234,7 @@ impl DedupStore for RedisDedup {
 /// Sets the keys of every mark waiting, one pipeline at a time, until the last handle is
 /// dropped. A failed pipeline fails every mark in it (their messages are handed back).
 async fn write_marks(
-    mut connection: ConnectionManager,
+    link: std::sync::Arc<Link>,
     ttl_ms: u64,
     mut waiting: mpsc::UnboundedReceiver<Mark>,
 ) {
@@ -169,8 +250,8 @@ async fn write_marks(
                 .arg(ttl_ms)
                 .ignore();
         }
-        let result = pipe
-            .query_async::<()>(&mut connection)
+        let result = link
+            .run(|mut connection| async move { pipe.query_async::<()>(&mut connection).await })
             .await
             .map_err(|e| e.to_string());
         for mark in batch.drain(..) {

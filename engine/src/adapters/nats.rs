@@ -261,13 +261,35 @@ async fn ensure_named_consumer(
     subjects: &[String],
     max_ack_pending: usize,
 ) -> anyhow::Result<consumer::PullConsumer> {
+    let consumer_config = consumer_config(config, &name, subjects, max_ack_pending);
+    let mut consumer = stream
+        .get_or_create_consumer(&name, consumer_config.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create consumer {name} on {subjects:?}: {e}"))?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read consumer {name}: {e}"))?
+        .clone();
+    if info.num_ack_pending == 0 {
+        return Ok(consumer);
+    }
+    recreate_at_ack_floor(stream, consumer_config, &info).await
+}
+
+fn consumer_config(
+    config: &NatsConfig,
+    name: &str,
+    subjects: &[String],
+    max_ack_pending: usize,
+) -> consumer::pull::Config {
     let (filter_subject, filter_subjects) = match subjects {
         [one] => (one.clone(), Vec::new()),
         // Several filter subjects need NATS 2.10; the server says so if it is older.
         many => (String::new(), many.to_vec()),
     };
-    let consumer_config = consumer::pull::Config {
-        durable_name: Some(name.clone()),
+    consumer::pull::Config {
+        durable_name: Some(name.to_string()),
         filter_subject,
         filter_subjects,
         ack_policy: consumer::AckPolicy::Explicit,
@@ -276,11 +298,35 @@ async fn ensure_named_consumer(
         max_ack_pending: max_ack_pending as i64,
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
-    };
+    }
+}
+
+/// An earlier run died holding messages unacknowledged: they would come back only after
+/// `ack_wait`, and anything read meanwhile could overtake them. The consumer is made again at
+/// its ack floor instead, so every message not yet acknowledged comes back at once, in stream
+/// order; what was already done is dropped by dedup and the state machine.
+async fn recreate_at_ack_floor(
+    stream: &stream::Stream,
+    mut consumer_config: consumer::pull::Config,
+    info: &consumer::Info,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let name = info.name.clone();
+    let start_sequence = info.ack_floor.stream_sequence + 1;
+    tracing::warn!(
+        message = "Messages of an earlier run are unacknowledged; the consumer starts again at its ack floor so they come back at once, in order.",
+        consumer = %name,
+        n_pending = info.num_ack_pending,
+        start_sequence,
+    );
+    consumer_config.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence };
     stream
-        .get_or_create_consumer(&name, consumer_config)
+        .delete_consumer(&name)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot create consumer {name} on {subjects:?}: {e}"))
+        .map_err(|e| anyhow::anyhow!("cannot delete consumer {name} to recover it: {e}"))?;
+    stream
+        .create_consumer(consumer_config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot recreate consumer {name} at its ack floor: {e}"))
 }
 
 /// The event source of one sink: a continuous pull from its durable consumer.
@@ -337,15 +383,16 @@ impl Acker for NatsAcker {
 }
 
 fn to_incoming(message: jetstream::Message) -> Incoming {
-    let delivered = message
-        .info()
-        .map(|i| i.delivered.max(1) as u64)
-        .unwrap_or(1);
     let (message, acker) = message.split();
-    Incoming::new(
+    let reply = message
+        .reply
+        .as_ref()
+        .map(|r| r.as_str())
+        .unwrap_or_default();
+    Incoming::from_jetstream(
         message.subject.to_string(),
         message.payload,
-        delivered,
+        reply,
         Arc::new(NatsAcker(acker)),
     )
 }

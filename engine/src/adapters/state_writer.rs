@@ -21,7 +21,10 @@ use dashmap::DashMap;
 use sqlx::{PgPool, Postgres, QueryBuilder, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
+use actors::PortError;
+
 use super::clock::now_ms;
+use super::store::port_error;
 
 /// Rows written by one statement at most: 3 parameters each, far below both databases'
 /// parameter limits (SQLite 32,766; PostgreSQL 65,535).
@@ -35,7 +38,7 @@ struct Save {
     bytes: Arc<[u8]>,
     /// Its place among all saves, to tell it from a newer save of the same user.
     seq: u64,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), PortError>>,
 }
 
 /// What the writer is asked: a save, or to answer once everything queued before is written.
@@ -113,7 +116,7 @@ impl StateWriter {
         &self,
         key: &str,
         bytes: impl Into<Arc<[u8]>>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(), PortError>> + Send + 'static {
         let (done, committed) = oneshot::channel();
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let bytes: Arc<[u8]> = bytes.into();
@@ -130,11 +133,14 @@ impl StateWriter {
         }
         async move {
             if !queued {
-                return Err("the state writer stopped".into());
+                return Err(PortError::unavailable("store", "the state writer stopped"));
             }
-            committed
-                .await
-                .unwrap_or_else(|_| Err("the state writer stopped before committing".into()))
+            committed.await.unwrap_or_else(|_| {
+                Err(PortError::unavailable(
+                    "store",
+                    "the state writer stopped before committing",
+                ))
+            })
         }
     }
 }
@@ -160,11 +166,7 @@ async fn run(target: Target, mut jobs: mpsc::UnboundedReceiver<Job>, pending: Pe
                 Job::Flush(done) => flushes.push(done),
             }
         }
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            write(&target, &batch).await.map_err(|e| e.to_string())
-        };
+        let results = write_batch(&target, &batch).await;
         if let Target::Sqlite(pool, wal) = &target {
             // Other connections copy the WAL back meanwhile, but only a checkpoint with no
             // write going on can finish it, so that the next transaction starts the WAL
@@ -181,20 +183,45 @@ async fn run(target: Target, mut jobs: mpsc::UnboundedReceiver<Job>, pending: Pe
                 }
             }
         }
-        if let Err(error) = &result {
-            tracing::warn!(message = "Saving user states failed.", saves = batch.len(), %error);
-        }
-        for save in batch.drain(..) {
+        for (save, result) in batch.drain(..).zip(results) {
             // Committed, readers find it in the table; failed, its saver fails and nobody
             // may read it.
             pending.remove_if(&save.key, |_, (at, _)| *at == save.seq);
-            let _ = save.done.send(result.clone());
+            let _ = save.done.send(result);
         }
         // Every save received before a flush is in this batch or an earlier one.
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
     }
+}
+
+/// Each save's outcome. The batch is one transaction; when the database refuses its data, each
+/// save is written alone, so that a row it cannot take (a key too long for its index) fails
+/// only its own user, never the others in the batch.
+async fn write_batch(target: &Target, batch: &[Save]) -> Vec<Result<(), PortError>> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let error = match write(target, batch).await {
+        Ok(()) => return vec![Ok(()); batch.len()],
+        Err(error) => port_error(error),
+    };
+    if error.is_retryable() || batch.len() == 1 {
+        tracing::warn!(message = "Saving user states failed.", saves = batch.len(), %error);
+        return vec![Err(error); batch.len()];
+    }
+    let mut results = Vec::with_capacity(batch.len());
+    for save in batch {
+        let result = write(target, std::slice::from_ref(save))
+            .await
+            .map_err(port_error);
+        if let Err(error) = &result {
+            tracing::warn!(message = "Saving a user's state failed.", user = %save.key, %error);
+        }
+        results.push(result);
+    }
+    results
 }
 
 /// The latest state of each user in `batch`, in one transaction.

@@ -180,14 +180,13 @@ impl SqlStore {
         state: &SyncState,
     ) -> impl std::future::Future<Output = Result<(), PortError>> + Send + 'static {
         let queued = state_codec::encode(state)
-            .map_err(|e| format!("cannot encode state: {e}"))
+            .map_err(|e| PortError::rejected("store", format!("cannot encode state: {e}")))
             .map(|bytes| self.writer.save(key.as_str(), bytes));
         async move {
             match queued {
                 Ok(committed) => committed.await,
                 Err(error) => Err(error),
             }
-            .map_err(|e| PortError::unavailable("store", e))
         }
     }
 
@@ -197,12 +196,7 @@ impl SqlStore {
         key: &UserKey,
         stored: &Arc<[u8]>,
     ) -> impl std::future::Future<Output = Result<(), PortError>> + Send + 'static {
-        let committed = self.writer.save(key.as_str(), stored.clone());
-        async move {
-            committed
-                .await
-                .map_err(|e| PortError::unavailable("store", e))
-        }
+        self.writer.save(key.as_str(), stored.clone())
     }
 
     pub async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, sqlx::Error> {
@@ -264,8 +258,32 @@ async fn checkpoint_wal(pool: sqlx::SqlitePool, wal: WalSize) {
     }
 }
 
-fn port_error(error: sqlx::Error) -> PortError {
-    PortError::unavailable("store", error)
+/// The store's answer as the actors see it: data the database refuses (a bad value, a row
+/// too large: SQLSTATE classes 22, 23 and 54) is rejected for good, a row that does not
+/// decode is corrupt, anything else (the connection, the pool, a timeout) is unavailable
+/// for now.
+pub fn port_error(error: sqlx::Error) -> PortError {
+    let text = crate::adapters::errors::describe(&error);
+    match &error {
+        sqlx::Error::Database(db) if is_data_error(db.code().as_deref()) => {
+            PortError::rejected("store", text)
+        }
+        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => {
+            PortError::corrupt("store", text)
+        }
+        _ => PortError::unavailable("store", text),
+    }
+}
+
+/// SQLSTATE classes of refused data; SQLite's "too big" (18) and "mismatch" (20) too.
+fn is_data_error(code: Option<&str>) -> bool {
+    code.is_some_and(|code| {
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            || code == "18"
+            || code == "20"
+    })
 }
 
 impl StateStore for SqlStore {

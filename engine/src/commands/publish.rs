@@ -77,8 +77,9 @@ pub fn subject_for(config: &Config, origin: Origin, event_type: EventType, user:
         .map(|p| p.trim_end_matches(".>").trim_end_matches(".*").to_string())
         .unwrap_or_else(|| "user".into());
     let verb = event_type.as_str().trim_start_matches("user.");
-    // A user id with a dot or wildcard cannot be a subject token; the body holds the key anyway.
-    if user.is_empty() || user.contains(['.', '*', '>', ' ']) {
+    // A user id with a dot, a wildcard, white space or a control character cannot be a
+    // subject token (nor reach the NATS wire); the body holds the key anyway.
+    if !protocol::user::is_valid_user_id(user) || user.contains(['.', '*', '>', ' ']) {
         format!("{base}.{verb}")
     } else {
         format!("{base}.{verb}.{user}")
