@@ -247,7 +247,7 @@ pub const STORE_REJECTIONS_MAX: u32 = 3;
 /// The wait before the store is tried again after `failures` failures in a row.
 fn store_retry_delay(failures: u32) -> Duration {
     const FIRST: Duration = Duration::from_millis(100);
-    const LAST: Duration = Duration::from_secs(5);
+    const LAST: Duration = Duration::from_secs(2);
     FIRST
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
         .min(LAST)

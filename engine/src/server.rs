@@ -41,7 +41,7 @@ pub struct ServerState {
 
 /// How long `/readyz` waits for the backends, asked at once: it answers within a second
 /// whatever state they are in.
-const PING_TIMEOUT: Duration = Duration::from_millis(800);
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub fn router(state: ServerState) -> Router {
     Router::new()

@@ -60,7 +60,20 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_keeps_order() {
         "the kill must land mid-load (got {at_kill} of {TOTAL} already)"
     );
 
+    let restarted = std::time::Instant::now();
     env.start_engine().await;
+    let ready_after = restarted.elapsed();
+    let first = payload
+        .wait_accepted(Duration::from_secs(60), |r| r.len() > at_kill)
+        .await;
+    let first_after = first[at_kill..]
+        .iter()
+        .map(|r| r.at.saturating_duration_since(restarted))
+        .min()
+        .unwrap_or_default();
+    eprintln!(
+        "restart: ready after {ready_after:?}, first delivery {first_after:?} after the restart"
+    );
     let accepted = payload
         .wait_accepted(Duration::from_secs(180), |r| {
             r.iter()

@@ -31,6 +31,10 @@ use super::store::port_error;
 const ROWS_PER_STATEMENT: usize = 500;
 /// Saves gathered into one transaction at most, so a huge backlog still commits regularly.
 const SAVES_PER_TRANSACTION: usize = 4_000;
+/// How long one transaction may take before its outcome counts as unknown: a connection that
+/// accepts and never answers must not hold every user's saves for ever. The saves fail and
+/// their users try again (an upsert of the latest state is safe to repeat).
+pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One user's stored state (`actors::state_codec`), and who waits for it to be durable.
 struct Save {
@@ -203,9 +207,10 @@ async fn write_batch(target: &Target, batch: &[Save]) -> Vec<Result<(), PortErro
     if batch.is_empty() {
         return Vec::new();
     }
-    let error = match write(target, batch).await {
-        Ok(()) => return vec![Ok(()); batch.len()],
-        Err(error) => port_error(error),
+    let error = match tokio::time::timeout(TRANSACTION_TIMEOUT, write(target, batch)).await {
+        Ok(Ok(())) => return vec![Ok(()); batch.len()],
+        Ok(Err(error)) => port_error(error),
+        Err(_) => PortError::unavailable("store", "no answer within the transaction timeout"),
     };
     if error.is_retryable() || batch.len() == 1 {
         tracing::warn!(message = "Saving user states failed.", saves = batch.len(), %error);

@@ -286,12 +286,25 @@ fn is_data_error(code: Option<&str>) -> bool {
     })
 }
 
+/// How long a read or a dead letter may take: a connection that never answers fails the call
+/// (it is tried again) instead of holding its user for ever.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, PortError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result.map_err(port_error),
+        Err(_) => Err(PortError::unavailable("store", "no answer in time")),
+    }
+}
+
 impl StateStore for SqlStore {
     fn load_user<'a>(
         &'a self,
         key: &'a UserKey,
     ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>> {
-        Box::pin(async move { self.load(key).await.map_err(port_error) })
+        Box::pin(within(self.load(key)))
     }
 
     fn save_user(
@@ -312,12 +325,7 @@ impl StateStore for SqlStore {
     }
 
     fn dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<(), PortError>> {
-        Box::pin(async move {
-            self.add_dead_letter(&letter)
-                .await
-                .map(|_| ())
-                .map_err(port_error)
-        })
+        Box::pin(async move { within(self.add_dead_letter(&letter)).await.map(|_| ()) })
     }
 }
 
