@@ -13,6 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
+use crate::breaker::{Admit, Breaker, Change, Health};
 use crate::ports::{HttpRequest, Ports, TransportError};
 use crate::settings::{PipelineSettings, TargetSettings};
 use crate::sink::Sink;
@@ -53,8 +54,11 @@ pub enum DeliveryOutcome {
         error: String,
         retry_after: Option<std::time::Duration>,
     },
-    /// Any other 4xx: dead-letter at once.
+    /// Any other 4xx, or a 3xx: dead-letter at once.
     Permanent { error: String },
+    /// Not attempted: the target's circuit breaker is open. Ask again after `wait`; it
+    /// costs no attempt.
+    TargetOpen { wait: std::time::Duration },
 }
 
 /// Per user, the requests to one target go out one after the other, in the order they were
@@ -91,6 +95,8 @@ pub struct DeliveryArgs {
     pub stats: Arc<Stats>,
     pub settings: Arc<PipelineSettings>,
     pub lanes: Arc<UserLanes>,
+    /// The target's breaker; it lives in the supervisor, so it outlives this actor.
+    pub breaker: Arc<std::sync::Mutex<Breaker>>,
 }
 
 pub struct DeliveryState {
@@ -139,6 +145,7 @@ impl Actor for DeliveryActor {
         let permits = state.permits.clone();
         let lanes = state.args.lanes.clone();
         let stats = state.args.stats.clone();
+        let breaker = state.args.breaker.clone();
         // Lanes are taken in the order requests arrive here (tokio's mutex is fair).
         let lane = lanes.lane(&request.key);
         // Requests run concurrently, each reporting back on its own; the actor only starts
@@ -149,31 +156,14 @@ impl Actor for DeliveryActor {
                 return;
             };
             let now_ms = ports.clock.now_ms();
-            let headers = protocol::delivery::headers(
-                &target.keyring,
-                &request.webhook_id,
-                request.side,
-                request.event_type,
-                &body,
-                now_ms,
-            );
-            let response = ports
-                .http
-                .post(HttpRequest {
-                    side: request.side,
-                    url: target.url.clone(),
-                    headers,
-                    body,
-                    timeout: target.timeout,
-                })
-                .await;
-            let answered_ms = ports.clock.now_ms();
-            let sink = Sink::for_side(request.side).as_str();
-            stats.deliveries.add(&[sink, status_class(&response)]);
-            stats
-                .delivery_latency
-                .observe(sink, answered_ms.saturating_sub(now_ms).max(0) as u64);
-            let outcome = classify(response, answered_ms);
+            let admitted = lock(&breaker).admit(now_ms);
+            let outcome = match admitted {
+                Admit::Wait(wait) => DeliveryOutcome::TargetOpen { wait },
+                Admit::Send | Admit::Probe => {
+                    let probe = admitted == Admit::Probe;
+                    attempt(&ports, &target, &request, body, &stats, &breaker, probe).await
+                }
+            };
             drop(turn);
             lanes.release(&request.key);
             let _ = request.reply.cast(UserMsg::Delivered {
@@ -184,6 +174,73 @@ impl Actor for DeliveryActor {
         });
         Ok(())
     }
+}
+
+fn lock(breaker: &std::sync::Mutex<Breaker>) -> std::sync::MutexGuard<'_, Breaker> {
+    breaker
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One signed request, its answer counted, classified, and told to the breaker.
+async fn attempt(
+    ports: &Ports,
+    target: &TargetSettings,
+    request: &DeliveryRequest,
+    body: Bytes,
+    stats: &Stats,
+    breaker: &std::sync::Mutex<Breaker>,
+    probe: bool,
+) -> DeliveryOutcome {
+    let now_ms = ports.clock.now_ms();
+    let headers = protocol::delivery::headers(
+        &target.keyring,
+        &request.webhook_id,
+        request.side,
+        request.event_type,
+        &body,
+        now_ms,
+    );
+    let response = ports
+        .http
+        .post(HttpRequest {
+            side: request.side,
+            url: target.url.clone(),
+            headers,
+            body,
+            timeout: target.timeout,
+        })
+        .await;
+    let answered_ms = ports.clock.now_ms();
+    let sink = Sink::for_side(request.side);
+    let class = status_class(&response);
+    stats.deliveries.add(&[sink.as_str(), class]);
+    stats.delivery_latency.observe(
+        sink.as_str(),
+        answered_ms.saturating_sub(now_ms).max(0) as u64,
+    );
+    let health = match class {
+        "5xx" | "error" => Health::Down,
+        _ => Health::Alive,
+    };
+    let change = lock(breaker).record(health, probe, answered_ms);
+    if let Some(change) = change {
+        let gauge = match sink {
+            Sink::Payload => &stats.payload_open,
+            Sink::BetterAuth => &stats.better_auth_open,
+        };
+        match change {
+            Change::Opened => {
+                gauge.store(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(message = "Target down: circuit open; deliveries wait, one probe per interval.", %sink, probe_interval_ms = target.breaker.probe_interval.as_millis() as u64);
+            }
+            Change::Closed => {
+                gauge.store(0, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(message = "Target answers again: circuit closed; deliveries resume.", %sink);
+            }
+        }
+    }
+    classify(response, answered_ms)
 }
 
 /// The delivery body: the canonical user (or its deletion) in the target's field names.

@@ -15,6 +15,7 @@
 //! Architecture Invariant: actors do no I/O except through the port traits of [`ports`], and
 //! read no wall clock or random source except through the `Clock` and `Entropy` ports.
 
+pub mod breaker;
 pub mod dedup;
 pub mod delivery;
 pub mod error;

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::breaker::{Breaker, BreakerSettings};
 use crate::dedup::{DedupActor, DedupArgs, DedupMsg};
 use crate::delivery::{DeliveryActor, DeliveryArgs, DeliveryMsg, UserLanes};
 use crate::ingest::{IngestActor, IngestArgs, IngestMsg};
@@ -83,6 +84,9 @@ pub struct PipelineState {
     paused: bool,
     payload_lanes: Arc<UserLanes>,
     better_auth_lanes: Arc<UserLanes>,
+    /// Each target's breaker, kept here so that it outlives its delivery actor.
+    payload_breaker: Arc<std::sync::Mutex<Breaker>>,
+    better_auth_breaker: Arc<std::sync::Mutex<Breaker>>,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +112,10 @@ impl PipelineActor {
                     lanes: match side {
                         Origin::Payload => state.payload_lanes.clone(),
                         Origin::BetterAuth => state.better_auth_lanes.clone(),
+                    },
+                    breaker: match side {
+                        Origin::Payload => state.payload_breaker.clone(),
+                        Origin::BetterAuth => state.better_auth_breaker.clone(),
                     },
                 };
                 let (actor, _) = Actor::spawn_linked(None, DeliveryActor, args, cell).await?;
@@ -206,6 +214,8 @@ impl Actor for PipelineActor {
         myself: ActorRef<PipelineMsg>,
         (args, budgets): (PipelineArgs, Budgets),
     ) -> Result<PipelineState, ActorProcessingErr> {
+        let payload_breaker = breaker(&args.settings, Origin::Payload);
+        let better_auth_breaker = breaker(&args.settings, Origin::BetterAuth);
         let mut state = PipelineState {
             args,
             budgets,
@@ -220,6 +230,8 @@ impl Actor for PipelineActor {
             paused: false,
             payload_lanes: Arc::default(),
             better_auth_lanes: Arc::default(),
+            payload_breaker,
+            better_auth_breaker,
         };
         // Downstream first, so nothing is read before there is somewhere to send it.
         for side in Origin::ALL {
@@ -306,6 +318,18 @@ impl Actor for PipelineActor {
         }
         Self::spawn_child(&myself, state, child).await
     }
+}
+
+/// A target's breaker, closed (one that never opens for a disabled target).
+fn breaker(settings: &PipelineSettings, side: Origin) -> Arc<std::sync::Mutex<Breaker>> {
+    let breaker = settings.target(side).map_or(
+        BreakerSettings {
+            failures: 0,
+            probe_interval: Duration::from_secs(1),
+        },
+        |target| target.breaker,
+    );
+    Arc::new(std::sync::Mutex::new(Breaker::new(breaker)))
 }
 
 /// How long shutdown waits for the users' last saves.

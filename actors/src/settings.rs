@@ -52,6 +52,7 @@ pub struct TargetSettings {
     pub max_concurrency: usize,
     pub coalesce: bool,
     pub retry: RetryPolicy,
+    pub breaker: crate::breaker::BreakerSettings,
 }
 
 /// Deliberately broken variants of the pipeline, for the simulator to prove it notices them.

@@ -21,6 +21,9 @@ macro_rules! counters {
             pub users_parked: AtomicI64,
             /// Gauge: the bytes of those states.
             pub parked_bytes: AtomicI64,
+            /// Gauges: whether each target's circuit breaker is open (1) or closed (0).
+            pub payload_open: AtomicI64,
+            pub better_auth_open: AtomicI64,
             /// Dead letters by `(reason, sink)`; `sink` is `none` for bad input.
             pub dead_letters: Labelled,
             /// Delivery attempts by `(sink, class)`: `2xx`, `4xx`, `5xx` (also other non-2xx

@@ -1127,6 +1127,20 @@ async fn on_delivered(
         }
         DeliveryOutcome::Transient { error, retry_after } => (error, false, retry_after),
         DeliveryOutcome::Permanent { error } => (error, true, None),
+        DeliveryOutcome::TargetOpen { wait } => {
+            // Not attempted: the line waits for the target, spending nothing.
+            let line = state.line(side);
+            if let Some(head) = line.queue.front_mut() {
+                head.attempts = head.attempts.saturating_sub(1);
+            }
+            line.busy = Busy::Backoff(token);
+            after(myself, state, wait, move || UserMsg::RetryDue {
+                side,
+                token,
+            });
+            arm_keepalive(myself, state);
+            return Ok(());
+        }
     };
     let Some((attempts, head_id)) = state
         .line(side)

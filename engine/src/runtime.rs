@@ -82,6 +82,10 @@ fn target_settings(target: &TargetConfig, keyring: protocol::signing::Keyring) -
             jitter: target.retry.jitter,
             max_attempts: target.retry.max_attempts,
         },
+        breaker: actors::breaker::BreakerSettings {
+            failures: target.breaker.failures,
+            probe_interval: target.breaker.probe_interval,
+        },
     }
 }
 

@@ -382,6 +382,24 @@ pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> S
         &[],
         stats.parked_bytes.load(Ordering::Relaxed),
     );
+    {
+        let mut f = Family::new(
+            &mut out,
+            "target_open",
+            "gauge",
+            "1 while a target's circuit breaker is open (it counts as down: deliveries wait), else 0.",
+        );
+        f.sample(
+            "target_open",
+            &[("sink", "payload")],
+            stats.payload_open.load(Ordering::Relaxed),
+        );
+        f.sample(
+            "target_open",
+            &[("sink", "better-auth")],
+            stats.better_auth_open.load(Ordering::Relaxed),
+        );
+    }
     if let Some(in_flight) = live.in_flight {
         Family::new(
             &mut out,

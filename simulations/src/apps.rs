@@ -32,6 +32,9 @@ pub struct AppFaults {
     /// Echo every applied delivery back as an own event.
     pub echo: bool,
     pub echo_delay_max_ms: u64,
+    /// An outage: every request from this virtual time until the next fails to connect.
+    pub down_from_ms: u64,
+    pub down_until_ms: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -466,6 +469,12 @@ impl HttpTransport for SimTransport {
                 &self.better_auth
             };
             let faults = app.faults();
+            let now = app.clock.virt_ms();
+            if (faults.down_from_ms..faults.down_until_ms).contains(&now) {
+                return Err(TransportError::Connect(
+                    "connection refused (outage)".into(),
+                ));
+            }
             let (fault, latency) = {
                 let Ok(mut rng) = app.rng.lock() else {
                     return Err(TransportError::Other("rng".into()));

@@ -222,6 +222,8 @@ impl Swarm {
             publish_delay_max_ms: 0,
             echo: false,
             echo_delay_max_ms: 0,
+            down_from_ms: 0,
+            down_until_ms: 0,
         };
         let mut payload = app(&mut rate);
         let mut better_auth = app(&mut rate);
@@ -392,6 +394,10 @@ fn target(url: &str, keyring: &Keyring) -> TargetSettings {
             jitter: 0.2,
             max_attempts: 6,
         },
+        breaker: actors::breaker::BreakerSettings {
+            failures: 5,
+            probe_interval: Duration::from_secs(2),
+        },
     }
 }
 
@@ -415,6 +421,18 @@ async fn run_world(options: &SimOptions) -> SimReport {
             }
         }
     };
+    let mut swarm = swarm;
+    if options.profile != Profile::Calm {
+        // Each app may be down for a while: long enough to open its target's circuit.
+        let mut rng = SimRng::stream(root, "app-outages");
+        let span_ms = options.events * (swarm.gap_max_ms / 2 + 1);
+        for faults in [&mut swarm.payload, &mut swarm.better_auth] {
+            if rng.chance(0.5) {
+                faults.down_from_ms = clock.virt_ms() + rng.below(span_ms.max(1));
+                faults.down_until_ms = faults.down_from_ms + rng.range(5_000, 40_000);
+            }
+        }
+    }
     let nats = FakeNats::new(
         clock.clone(),
         trace.clone(),

@@ -25,7 +25,7 @@ const CAUGHT: [(Variant, u64, &[&str]); 8] = [
     // (h) a store error fails the user's actor: its messages come back in JetStream's order,
     // and an older event applied after a newer one of its side is acknowledged without the
     // delivery it would have made (the PostgreSQL-outage gaps: "e1 twice, e2 never").
-    (Variant::FailOnStoreError, 29, &["[order]"]),
+    (Variant::FailOnStoreError, 15, &["[order]"]),
 ];
 
 #[test]

@@ -413,3 +413,61 @@ async fn a_graceful_stop_leaves_nothing_to_send_again() {
     assert_eq!(ids, ["g-new"], "exactly one delivery after the restart");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_down_for_a_minute_opens_its_circuit_and_then_gets_everything_in_order() {
+    let payload = Receiver::start(TEST_SECRET).await;
+    let better_auth = Receiver::start(TEST_SECRET).await;
+    let addr = payload
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/hook")
+        .parse()
+        .expect("receiver address");
+    let relay = Relay::start(addr).await;
+    relay.cut();
+    let options = EnvOptions {
+        // Without the breaker, three failed attempts would dead-letter every event.
+        max_attempts: 3,
+        payload_toml: "breaker = { failures = 5, probe_interval = \"2s\" }\n".into(),
+        ..EnvOptions::default()
+    };
+    let mut env = TestEnv::new(
+        &format!("{}/hook", relay.url("http")),
+        &better_auth.url,
+        options,
+    )
+    .await;
+    let load = Load::scaled(200, 10);
+    load.publish(&env).await;
+    env.start_engine().await;
+    let open = "sync_engine_target_open{sink=\"payload\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.metric(open).await != 1.0 {
+        assert!(Instant::now() < deadline, "the circuit never opened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        env.dead_letters().is_empty(),
+        "nothing dead-lettered for the outage"
+    );
+    let attempts_while_down = env
+        .metric("sync_engine_deliveries_total{sink=\"payload\",status=\"error\"}")
+        .await;
+    relay.restore();
+    let restored = Instant::now();
+    load.wait_all(&payload, WAIT).await;
+    let took = restored.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let verdict = Verdict::of(&payload.accepted());
+    println!(
+        "target down 60 s with {} events queued: {attempts_while_down} attempts while down; all delivered {took:?} after it came back; {verdict:?}",
+        load.total()
+    );
+    assert_eq!(verdict.delivered, load.total());
+    assert_eq!(verdict.order_violations, 0);
+    assert!(env.dead_letters().is_empty());
+    assert_eq!(env.metric(open).await, 0.0);
+    env.cleanup().await;
+}

@@ -197,6 +197,7 @@ pub struct TargetConfig {
     pub max_concurrency: usize,
     pub coalesce: bool,
     pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
     /// CA certificates (PEM) to trust instead of the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
@@ -231,6 +232,18 @@ pub struct RetryConfig {
     pub multiplier: f64,
     pub jitter: f64,
     pub max_attempts: u32,
+}
+
+/// `[targets.*.breaker]`: when a target counts as down, and how often it is tried while it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Answers in a row saying the target is down (no connection, timeout, 5xx) before the
+    /// circuit opens; 0 never opens it.
+    pub failures: u32,
+    /// While open, one delivery goes out this often to see whether the target is back.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -660,6 +673,12 @@ fn validate_target(target: &TargetConfig, key: &str) -> Result<(), ConfigError> 
     }
     if retry.max_attempts == 0 {
         return Err(invalid("retry.max_attempts", "must be at least 1".into()));
+    }
+    if target.breaker.probe_interval.is_zero() {
+        return Err(invalid(
+            "breaker.probe_interval",
+            "must be longer than 0s".into(),
+        ));
     }
     if !target.fields.contains_key(ID) {
         return Err(invalid(
