@@ -391,7 +391,10 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub async fn start(args: PipelineArgs) -> Result<Pipeline, ractor::SpawnErr> {
+    pub async fn start(mut args: PipelineArgs) -> Result<Pipeline, ractor::SpawnErr> {
+        let mut settings = (*args.settings).clone();
+        settings.started_at_ms = args.ports.clock.now_ms();
+        args.settings = Arc::new(settings);
         let budgets = Budgets::new(&args.settings);
         let stats = args.stats.clone();
         let (root, handle) = Actor::spawn(None, PipelineActor, (args, budgets.clone())).await?;

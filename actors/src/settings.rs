@@ -94,6 +94,10 @@ pub struct PipelineSettings {
     pub better_auth: Option<TargetSettings>,
     /// All off outside the simulator.
     pub faults: EngineFaults,
+    /// When this run of the pipeline started (set by [`crate::Pipeline::start`]): a delivery a
+    /// dead run may still have had in flight is not sent again before that run's request
+    /// could have landed (see the user actor's restored lines).
+    pub started_at_ms: i64,
 }
 
 impl PipelineSettings {

@@ -108,6 +108,15 @@ struct Line {
     busy: Busy,
     /// When the attempt in flight counts as lost if nothing answered it.
     deadline: Instant,
+    /// A line restored from a stored outbox: its head may still be in flight from the run
+    /// that died, so nothing behind the head is sent before that request could have landed.
+    hold: Option<Hold>,
+}
+
+/// The restored head's `webhook-id`, and when the dead run's request of it has surely landed.
+struct Hold {
+    head: String,
+    until_ms: i64,
 }
 
 impl Line {
@@ -116,6 +125,7 @@ impl Line {
             queue: VecDeque::new(),
             busy: Busy::Idle,
             deadline: Instant::now(),
+            hold: None,
         }
     }
 }
@@ -594,6 +604,7 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), crate::PortError> {
             }
         }
         state.sync = Some(loaded);
+        let restored = !owed.is_empty();
         for entry in owed {
             if state.args.settings.target(entry.send.side).is_none() {
                 continue;
@@ -618,9 +629,62 @@ async fn ensure_loaded(state: &mut UserState) -> Result<(), crate::PortError> {
                 }),
             }
         }
+        if restored {
+            hold_restored_lines(state);
+        }
     }
     Ok(())
 }
+
+/// Deliveries a user's stored outbox still owes may have been in flight from the engine run
+/// that died: a request already written reaches the receiver after its sender's death, as late
+/// as the target's timeout. Only a line's head is ever in flight, and sending the head again
+/// is harmless (same `webhook-id`, same content), but a newer delivery must not overtake the
+/// dead run's request: so a restored line sends its head at once and what is behind it only
+/// once the target's timeout plus a second has passed since this run started.
+fn hold_restored_lines(state: &mut UserState) {
+    let now_ms = state.args.ports.clock.now_ms();
+    for side in Origin::ALL {
+        let Some(target) = state.args.settings.target(side) else {
+            continue;
+        };
+        let timeout_ms = i64::try_from(target.timeout.as_millis()).unwrap_or(i64::MAX);
+        let until_ms = state
+            .args
+            .settings
+            .started_at_ms
+            .saturating_add(timeout_ms)
+            .saturating_add(RESTORED_MARGIN_MS);
+        let line = state.line(side);
+        if now_ms >= until_ms {
+            continue;
+        }
+        if let Some(head) = line.queue.front() {
+            line.hold = Some(Hold {
+                head: head.send.webhook_id.clone(),
+                until_ms,
+            });
+        }
+    }
+}
+
+/// Whether the line's head must wait for a restored head's stale request: if so, the line
+/// backs off until then and this says how long.
+fn held_back(line: &mut Line, now_ms: i64) -> Option<Duration> {
+    let hold = line.hold.as_ref()?;
+    let head = line.queue.front()?;
+    if head.send.webhook_id == hold.head {
+        return None;
+    }
+    if now_ms >= hold.until_ms {
+        line.hold = None;
+        return None;
+    }
+    Some(Duration::from_millis((hold.until_ms - now_ms) as u64))
+}
+
+/// Beyond the target's timeout, for a dead run's last requests to land.
+const RESTORED_MARGIN_MS: i64 = 1_000;
 
 async fn on_event(
     myself: &ActorRef<UserMsg>,
@@ -1026,6 +1090,7 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
         .unwrap_or(Duration::from_secs(10));
     let unordered = state.args.settings.faults.unordered_delivery;
     let durable = state.durable;
+    let now_ms = state.args.ports.clock.now_ms();
     let line = state.line(side);
     if unordered && line.busy != Busy::Idle {
         // The broken variant: send the next one regardless (see `EngineFaults`).
@@ -1059,6 +1124,18 @@ fn pump(myself: &ActorRef<UserMsg>, state: &mut UserState, side: Origin) {
     if head.generation > durable || head.letter.is_some() {
         return;
     }
+    if let Some(wait) = held_back(line, now_ms) {
+        line.busy = Busy::Backoff(token);
+        state.next_token += 1;
+        after(myself, state, wait, move || UserMsg::RetryDue {
+            side,
+            token,
+        });
+        return;
+    }
+    let Some(head) = line.queue.front_mut() else {
+        return;
+    };
     head.attempts += 1;
     let request = DeliveryRequest {
         key,

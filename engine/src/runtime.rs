@@ -63,6 +63,7 @@ pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings
         payload: target(Origin::Payload),
         better_auth: target(Origin::BetterAuth),
         faults: actors::settings::EngineFaults::default(),
+        started_at_ms: 0,
     };
     settings.max_in_flight = effective_in_flight(settings.max_in_flight, settings.delivery_slots());
     settings
@@ -222,7 +223,17 @@ pub async fn run(
         events_held_at_most,
     );
 
-    shutdown.await;
+    let mut pipeline = pipeline;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = &mut pipeline.handle => {
+            // Its supervisor gave up (a part of it failed over and over): exit non-zero, so
+            // the service manager restarts the engine, which resumes from the ack floors.
+            ready.store(false, Ordering::Relaxed);
+            writer.flush().await;
+            anyhow::bail!("the actor pipeline stopped: one of its parts kept failing; exiting so that the engine is restarted");
+        }
+    }
     ready.store(false, Ordering::Relaxed);
     tracing::info!(message = "Shutting down: intake stopped, draining in-flight work.", grace = ?config.engine.shutdown_grace);
     let left = pipeline.shutdown(config.engine.shutdown_grace).await;

@@ -287,27 +287,30 @@ impl StateStore for MemStore {
         &'a self,
         key: &'a UserKey,
     ) -> BoxFuture<'a, Result<Option<SyncState>, PortError>> {
-        let result = if self.shared.fails() {
-            Err(PortError::unavailable("store", "injected error"))
-        } else {
-            // A copy, not the live state: only what was committed (or is queued) survives a
-            // crash. (That the state survives its serialization is the real stores' tests'
-            // concern.)
-            let queued = self
+        Box::pin(async move {
+            // A queued save of this user is waited for, as the engine's store does: what a
+            // load returns is durable, never a state whose commit may still fail.
+            while self
                 .shared
                 .pending
                 .lock()
+                .map(|p| p.contains_key(key))
+                .unwrap_or(false)
+            {
+                tokio::time::sleep(COMMIT_TICK).await;
+            }
+            if self.shared.fails() {
+                return Err(PortError::unavailable("store", "injected error"));
+            }
+            // A copy, not the live state: only what was committed survives a crash. (That the
+            // state survives its serialization is the real stores' tests' concern.)
+            Ok(self
+                .shared
+                .users
+                .lock()
                 .ok()
-                .and_then(|p| p.get(key).map(|(_, state)| state.clone()));
-            Ok(queued.or_else(|| {
-                self.shared
-                    .users
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(key).cloned())
-            }))
-        };
-        Box::pin(async move { result })
+                .and_then(|m| m.get(key).cloned()))
+        })
     }
 
     fn save_user(

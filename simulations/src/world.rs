@@ -31,6 +31,8 @@ const MAX_MESSAGE_BYTES: usize = 4096;
 const QUIET_LIMIT_MS: u64 = 180_000;
 /// Quiet means: nothing happened for this long.
 const QUIET_FOR_MS: u64 = 20_000;
+/// How often the world looks whether the engine's pipeline gave up.
+const WATCH_MS: u64 = 500;
 
 /// The engine under test: correct, or one of the deliberately broken variants it must catch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,6 +333,9 @@ struct Engine {
     nats: Arc<FakeNats>,
     epoch: Arc<AtomicU64>,
     stats: Arc<Stats>,
+    /// The dedup memory dies with the engine (the memory backend).
+    volatile_dedup: bool,
+    trace: Arc<Trace>,
 }
 
 #[derive(Clone)]
@@ -345,6 +350,32 @@ struct PortsBase {
 }
 
 impl Engine {
+    /// Ends the running engine as `why` (a crash, or a pipeline that gave up and exited) and
+    /// starts the next one, as a service manager would: what the dead run held comes back from
+    /// NATS, from the consumers' ack floors.
+    async fn restart(&self, pipeline: &mut Option<Pipeline>, why: &str) {
+        let clock = &self.ports_base.clock;
+        self.trace.record(clock.virt_ms(), "world", why, "");
+        if let Some(p) = pipeline.take() {
+            p.kill().await;
+        }
+        let epoch = self.nats.new_epoch();
+        self.epoch.store(epoch, Ordering::SeqCst);
+        self.ports_base.store.crash();
+        if self.volatile_dedup {
+            self.ports_base.dedup.forget_all();
+        }
+        self.trace
+            .record(clock.virt_ms(), "world", "restart", epoch);
+        *pipeline = self.start().await;
+    }
+
+    /// Whether the engine's pipeline stopped on its own (its supervisor gave up): the engine
+    /// then exits non-zero, and is restarted.
+    fn gave_up(pipeline: &Option<Pipeline>) -> bool {
+        pipeline.as_ref().is_some_and(|p| p.handle.is_finished())
+    }
+
     async fn start(&self) -> Option<Pipeline> {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let base = &self.ports_base;
@@ -495,6 +526,7 @@ async fn run_world(options: &SimOptions) -> SimReport {
         payload: Some(target("sim://payload", &keyring)),
         better_auth: Some(target("sim://better-auth", &keyring)),
         faults: engine_faults,
+        started_at_ms: 0,
     });
     let engine = Engine {
         ports_base: PortsBase {
@@ -510,6 +542,8 @@ async fn run_world(options: &SimOptions) -> SimReport {
         nats: nats.clone(),
         epoch: Arc::new(AtomicU64::new(0)),
         stats: Arc::new(Stats::default()),
+        volatile_dedup: swarm.volatile_dedup,
+        trace: trace.clone(),
     };
     let mut pipeline = engine.start().await;
     let mut problems: Vec<String> = Vec::new();
@@ -533,28 +567,24 @@ async fn run_world(options: &SimOptions) -> SimReport {
         .map(|_| crash_rng.below(span_ms.max(1)))
         .collect();
     crash_at.sort_unstable();
-    let mut workload = Some(workload);
-    for at in crash_at {
+    // Until the workload is done and every crash struck: a crash at its time, and a pipeline
+    // that gave up is restarted at once.
+    let mut gave_up = 0u64;
+    let mut crashes = crash_at.into_iter().peekable();
+    while !(workload.is_finished() && crashes.peek().is_none()) {
         let now = clock.virt_ms();
-        if at > now {
-            tokio::time::sleep(Duration::from_millis(at - now)).await;
+        let next = crashes.peek().copied().unwrap_or(u64::MAX);
+        let wait = next.saturating_sub(now).clamp(1, WATCH_MS);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if crashes.peek().is_some_and(|at| *at <= clock.virt_ms()) {
+            crashes.next();
+            engine.restart(&mut pipeline, "crash").await;
+        } else if Engine::gave_up(&pipeline) {
+            gave_up += 1;
+            engine.restart(&mut pipeline, "gave_up").await;
         }
-        trace.record(clock.virt_ms(), "world", "crash", "");
-        if let Some(p) = pipeline.take() {
-            p.kill().await;
-        }
-        let epoch = nats.new_epoch();
-        engine.epoch.store(epoch, Ordering::SeqCst);
-        store.crash();
-        if swarm.volatile_dedup {
-            dedup.forget_all();
-        }
-        trace.record(clock.virt_ms(), "world", "restart", epoch);
-        pipeline = engine.start().await;
     }
-    if let Some(w) = workload.take() {
-        let _ = w.await;
-    }
+    let _ = workload.await;
 
     // Heal: no new faults; dead-lettered deliveries are replayed as an operator would.
     trace.record(clock.virt_ms(), "world", "heal", "");
@@ -599,6 +629,10 @@ async fn run_world(options: &SimOptions) -> SimReport {
             nats.publish(&letter.subject, raw);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if Engine::gave_up(&pipeline) {
+            gave_up += 1;
+            engine.restart(&mut pipeline, "gave_up").await;
+        }
         let len = trace.len();
         if len != last_len {
             last_len = len;
@@ -720,11 +754,16 @@ async fn run_world(options: &SimOptions) -> SimReport {
         virt_ms: clock.virt_ms(),
         trace: trace.entries(),
         summary: format!(
-            "users={} changes={} applied={} crashes={} echo(pl={},ba={}) panics={:.3} dedup={}",
+            "users={} changes={} applied={} crashes={}{} echo(pl={},ba={}) panics={:.3} dedup={}",
             swarm.users,
             oracle.changes,
             applied,
             swarm.crashes,
+            if gave_up > 0 {
+                format!(" gave_up={gave_up}")
+            } else {
+                String::new()
+            },
             swarm.payload.echo,
             swarm.better_auth.echo,
             swarm.panics,
