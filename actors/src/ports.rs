@@ -243,8 +243,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Saves `key`'s state. The save takes its place in line when this is called: saves of
     /// one user are committed in the order they were called, so a caller may start the next
     /// before the last one finished. The future resolves once the state is durable; dropping
-    /// it does not withdraw the save. A load sees every save called before it, committed or
-    /// not.
+    /// it does not withdraw the save. A load waits for every save of its key called before it:
+    /// it returns what is durable, the latest of them or, if its commit failed, what was before.
     fn save_user(
         &self,
         key: &UserKey,

@@ -8,9 +8,10 @@
 //! user's latest state is written: the earlier ones are superseded by it in the same
 //! transaction, so no reader can tell the difference.
 //!
-//! Reads see every save queued before them ([`StateWriter::pending`]): a user whose actor
-//! stopped with a save still in line, and whose next event starts a new actor at once, gets
-//! that state, not the older committed one.
+//! A read waits for every save of its user queued before it ([`StateWriter::pending`] tells
+//! whether there is one, [`StateWriter::flush`] waits): a user whose actor stopped with a save
+//! still in line, and whose next event starts a new actor at once, gets that state once it is
+//! committed, or the older one if the commit failed, never a state that may not be durable.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -109,7 +110,7 @@ impl StateWriter {
         }
     }
 
-    /// The latest state queued for `key` and not yet committed, if any.
+    /// The latest state queued for `key` and not yet committed (or failed), if any.
     pub fn pending(&self, key: &str) -> Option<Arc<[u8]>> {
         self.pending.get(key).map(|entry| entry.1.clone())
     }

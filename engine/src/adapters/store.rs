@@ -163,8 +163,10 @@ impl SqlStore {
                 .map(Some)
                 .map_err(|e| sqlx::Error::Decode(Box::new(e)))
         }
-        if let Some(queued) = self.writer.pending(key.as_str()) {
-            return decode(&queued);
+        // A queued save of this user is waited for: what a load returns is durable, never a
+        // state whose commit may still fail (a next actor would send what it owes at once).
+        if self.writer.pending(key.as_str()).is_some() {
+            self.writer.flush().await;
         }
         let stored: Option<Vec<u8>> = on_pool!(self, pool => {
             sqlx::query_scalar(SQL).bind(key.as_str()).fetch_optional(pool).await?
