@@ -46,8 +46,9 @@ pub trait Acker: Send + Sync + 'static {
 }
 
 /// What a JetStream acknowledgement subject says of its message:
-/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ms>.<pending>`, or
-/// the newer form with a domain and an account hash before the stream and a token after.
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>`, or
+/// the newer form with a domain and an account hash before the stream (and maybe a token
+/// after), which nats-server 2.9 sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckReply {
     pub delivered: u64,
@@ -62,7 +63,8 @@ impl AckReply {
         }
         let at = match tokens.len() {
             9 => 4,
-            n if n >= 12 => 6,
+            // `$JS.ACK.<domain or _>.<account hash>.<stream>...`, with or without a last token.
+            n if n >= 11 => 6,
             _ => return None,
         };
         Some(AckReply {
@@ -374,6 +376,13 @@ mod ack_reply_tests {
             Some(AckReply {
                 delivered: 2,
                 stream_sequence: 77
+            })
+        );
+        assert_eq!(
+            AckReply::parse("$JS.ACK._.ACCHASH.USER_SYNC.c.5.78.9.1761560000000000000.0"),
+            Some(AckReply {
+                delivered: 5,
+                stream_sequence: 78
             })
         );
         assert_eq!(AckReply::parse("_INBOX.abc"), None);

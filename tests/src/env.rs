@@ -191,22 +191,8 @@ level = "info"
 
     /// Starts the engine and waits until `/readyz` answers 200.
     pub async fn start_engine(&mut self) {
-        assert!(self.engine.is_none(), "engine already running");
         let _ = sync_engine_bin();
-        self.log_index += 1;
-        let log = std::fs::File::create(
-            self.dir
-                .path()
-                .join(format!("engine-{}.log", self.log_index)),
-        )
-        .expect("log file");
-        let child = self
-            .command(&["run"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn sync-engine run");
-        self.engine = Some(child);
+        self.spawn_engine();
         let url = format!("http://{}/readyz", self.http);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -1,12 +1,13 @@
 //! A SIGKILL in the middle of a load, then a restart: nothing lost, order kept, and duplicates
 //! only for what was in flight at the kill.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use protocol::{EventType, Origin};
 use serde_json::json;
 use tests::env::{now_ms, EnvOptions, TestEnv};
+use tests::load::Verdict;
 use tests::receiver::Receiver;
 use tests::TEST_SECRET;
 
@@ -91,39 +92,13 @@ async fn sigkill_mid_load_then_restart_loses_nothing_and_keeps_order() {
         "nothing more arrives once all are in"
     );
 
-    let ids: BTreeSet<String> = accepted
-        .iter()
-        .map(|d| d.webhook_id().to_string())
-        .collect();
-    assert_eq!(ids.len(), TOTAL, "every event delivered");
-    let duplicates = accepted.len() - TOTAL;
-    // Per user: the seq values arrive in order; a repeat may only re-send what was in flight.
-    let mut per_user: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for d in &accepted {
-        per_user
-            .entry(
-                d.data("betterAuthUserId")
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-            .or_default()
-            .push(d.data("seq").as_i64().unwrap_or(-1));
-    }
-    let mut order_violations = 0;
-    for seqs in per_user.values() {
-        let mut highest = -1;
-        for &seq in seqs {
-            if seq < highest {
-                order_violations += 1;
-            }
-            highest = highest.max(seq);
-        }
-    }
+    let verdict = Verdict::of(&accepted);
+    assert_eq!(verdict.delivered, TOTAL, "every event delivered");
+    let duplicates = verdict.repeats;
     eprintln!(
         "killed after {at_kill} deliveries; {duplicates} duplicate deliveries after the restart"
     );
-    assert_eq!(order_violations, 0, "per-user order");
+    assert_eq!(verdict.order_violations, 0, "per-user order");
     // In flight at the kill: at most one request per user line (the head), plus what the
     // receiver accepted but the engine had not yet recorded.
     assert!(

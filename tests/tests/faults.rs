@@ -52,18 +52,16 @@ async fn until_ready(env: &TestEnv, status: u16) -> (Duration, Duration) {
     }
 }
 
-/// Cuts `service` for 10 s while a load drains through an engine using Redis dedup and a
-/// PostgreSQL store, then checks every event arrived, in order.
-async fn cut_while_draining(service: Service, ending: Ending) {
-    let load = Load::scaled(200, 20);
-    let total = load.total();
+/// A relay in front of `service`, a store database of the test's own, and an engine using Redis
+/// dedup and that PostgreSQL store, reaching `service` through the relay.
+async fn through_relay(service: Service, db_prefix: &str) -> (Relay, PgDatabase, EnvOptions) {
     let port = match service {
         Service::Nats => 4222,
         Service::Redis => 6379,
         Service::Postgres => 5432,
     };
     let relay = Relay::start(format!("127.0.0.1:{port}").parse().expect("addr")).await;
-    let db = PgDatabase::create("sync_faults").await;
+    let db = PgDatabase::create(db_prefix).await;
     let options = EnvOptions {
         dedup_redis: true,
         store_url: Some(match service {
@@ -75,6 +73,15 @@ async fn cut_while_draining(service: Service, ending: Ending) {
         max_attempts: 20,
         ..EnvOptions::default()
     };
+    (relay, db, options)
+}
+
+/// Cuts `service` for 10 s while a load drains through an engine using Redis dedup and a
+/// PostgreSQL store, then checks every event arrived, in order.
+async fn cut_while_draining(service: Service, ending: Ending) {
+    let load = Load::scaled(200, 20);
+    let total = load.total();
+    let (relay, db, options) = through_relay(service, "sync_faults").await;
     let payload = Receiver::start(TEST_SECRET).await;
     let better_auth = Receiver::start(TEST_SECRET).await;
     let mut env = TestEnv::new(&payload.url, &better_auth.url, options).await;
@@ -171,23 +178,7 @@ async fn nats_cut_ending_in_a_kill_loses_nothing() {
 async fn a_service_that_accepts_and_never_answers_stalls_nothing_for_good() {
     for service in [Service::Redis, Service::Postgres] {
         let load = Load::scaled(50, 10);
-        let port = if service == Service::Redis {
-            6379
-        } else {
-            5432
-        };
-        let relay = Relay::start(format!("127.0.0.1:{port}").parse().expect("addr")).await;
-        let db = PgDatabase::create("sync_hang").await;
-        let options = EnvOptions {
-            dedup_redis: true,
-            store_url: Some(match service {
-                Service::Postgres => format!("postgres://postgres@{}/{}", relay.addr, db.name),
-                _ => db.url.clone(),
-            }),
-            redis_url: (service == Service::Redis).then(|| relay.url("redis")),
-            max_attempts: 20,
-            ..EnvOptions::default()
-        };
+        let (relay, db, options) = through_relay(service, "sync_hang").await;
         let payload = Receiver::start(TEST_SECRET).await;
         let mut env = TestEnv::new(&payload.url, &payload.url, options).await;
         env.start_engine().await;

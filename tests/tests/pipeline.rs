@@ -653,3 +653,55 @@ async fn health_and_readiness_endpoints_answer() {
     assert!(env.stop_engine(), "exits 0 on SIGTERM");
     env.cleanup().await;
 }
+
+/// The delivery count and stream sequence the engine reads from a message come from the real
+/// server's ack subject, in the form this nats-server sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_jetstream_ack_subjects_give_the_delivery_count_and_stream_sequence() {
+    use futures::StreamExt;
+    let env = TestEnv::new(
+        "http://127.0.0.1:9/p",
+        "http://127.0.0.1:9/b",
+        EnvOptions::default(),
+    )
+    .await;
+    env.publish(
+        "seq-1",
+        BA,
+        EventType::Created,
+        now_ms(),
+        json!({"id": "u1", "email": "a@x"}),
+    )
+    .await;
+    let stream = env.js.get_stream(&env.stream).await.expect("stream");
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(format!("t{}-probe", env.id)),
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("fetch");
+    let message = messages.next().await.expect("a message").expect("no error");
+    let info = message.info().expect("info").stream_sequence;
+    let reply = message
+        .reply
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        actors::ports::AckReply::parse(&reply),
+        Some(actors::ports::AckReply {
+            delivered: 1,
+            stream_sequence: info
+        }),
+        "{reply}"
+    );
+    env.cleanup().await;
+}
