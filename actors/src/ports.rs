@@ -119,7 +119,7 @@ impl Incoming {
         acker: Arc<dyn Acker>,
     ) -> Self {
         let meta = AckReply::parse(reply).unwrap_or_else(|| {
-            tracing::warn!(message = "A message's reply subject is not JetStream's; counted as its first delivery, with no stream order.", %subject);
+            tracing::warn!(message = "A message's reply subject is not JetStream's; counted as its first delivery, with no stream order.", %subject, %reply);
             AckReply {
                 delivered: 1,
                 stream_sequence: 0,

@@ -88,6 +88,12 @@ async fn both_directions_are_delivered_signed_with_every_header() {
     assert_eq!(payload.received().len(), 1);
     assert_eq!(better_auth.received().len(), 1);
     assert!(env.stop_engine(), "engine exits 0 on SIGTERM");
+    // Every message came with JetStream's ack subject, read for its sequence and delivery count.
+    assert!(
+        !env.engine_log().contains("not JetStream's"),
+        "{}",
+        env.engine_log()
+    );
     env.cleanup().await;
 }
 

@@ -383,16 +383,17 @@ impl Acker for NatsAcker {
 }
 
 fn to_incoming(message: jetstream::Message) -> Incoming {
-    let (message, acker) = message.split();
+    // Read before `split`, which moves the reply subject into the acker.
     let reply = message
         .reply
         .as_ref()
-        .map(|r| r.as_str())
+        .map(|r| r.to_string())
         .unwrap_or_default();
+    let (message, acker) = message.split();
     Incoming::from_jetstream(
         message.subject.to_string(),
         message.payload,
-        reply,
+        &reply,
         Arc::new(NatsAcker(acker)),
     )
 }
