@@ -16,7 +16,7 @@ use redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError};
 
 use crate::config::{set, DedupConfig};
 use crate::redact;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 /// How long one call to Redis (a connect, a command, a pipeline) may take.
 pub const REDIS_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -27,7 +27,8 @@ const MARKS_PER_PIPELINE: usize = 4_096;
 /// The connection in use, opened again after it failed.
 struct Link {
     client: redis::Client,
-    connection: Mutex<Option<MultiplexedConnection>>,
+    /// A plain mutex: held only to clone or swap the handle, never across an await.
+    connection: std::sync::Mutex<Option<MultiplexedConnection>>,
 }
 
 impl Link {
@@ -40,17 +41,22 @@ impl Link {
             .await
     }
 
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.connection
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The open connection, or a new one.
     async fn get(&self) -> Result<MultiplexedConnection, PortError> {
-        let mut connection = self.connection.lock().await;
-        if let Some(open) = connection.as_ref() {
+        if let Some(open) = self.slot().as_ref() {
             return Ok(open.clone());
         }
         let opened = tokio::time::timeout(REDIS_CALL_TIMEOUT, Self::connect(&self.client))
             .await
             .map_err(|_| PortError::unavailable("redis", "connect timed out"))?
             .map_err(|e| PortError::unavailable("redis", redact::text(&e.to_string())))?;
-        *connection = Some(opened.clone());
+        *self.slot() = Some(opened.clone());
         Ok(opened)
     }
 
@@ -73,7 +79,7 @@ impl Link {
             Ok(Err(error)) => redact::text(&error.to_string()),
             Err(_) => "no answer in time".to_string(),
         };
-        *self.connection.lock().await = None;
+        *self.slot() = None;
         Err(PortError::unavailable("redis", error))
     }
 }
@@ -126,7 +132,7 @@ impl RedisDedup {
             })?;
         let link = std::sync::Arc::new(Link {
             client,
-            connection: Mutex::new(Some(connection)),
+            connection: std::sync::Mutex::new(Some(connection)),
         });
         let (marks, waiting) = mpsc::unbounded_channel();
         let ttl_ms = u64::try_from(config.ttl.as_millis())
