@@ -4,8 +4,9 @@
 //! After `failures` answers in a row that say the target is down (no answer, a timeout, a
 //! 5xx), it opens: no attempt goes out, so no retry budget is spent and nothing is
 //! dead-lettered because of the outage; the user lines wait, their messages kept alive at the
-//! source. One probe goes out every `probe_interval`; the first answer that shows the target
-//! alive closes it, and the lines resume in order.
+//! source. One probe goes out every `probe_interval` (a probe that fails costs its line no
+//! attempt); the first answer that shows the target alive closes it, and the lines resume in
+//! order.
 //!
 //! Invariants (asserted, and property-tested below): while open, at most one probe is in
 //! flight; an answer from a live target always leaves it closed.

@@ -240,6 +240,13 @@ async fn attempt(
             }
         }
     }
+    if probe && health == Health::Down {
+        // A probe that finds the target still down costs its line nothing: while the circuit
+        // is open no retry budget is spent, and nothing is dead-lettered for the outage.
+        return DeliveryOutcome::TargetOpen {
+            wait: target.breaker.probe_interval,
+        };
+    }
     classify(response, answered_ms)
 }
 
