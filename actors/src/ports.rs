@@ -73,9 +73,13 @@ impl AckReply {
         })
     }
 
-    /// The reply subject of the older form, for a source that makes its own messages.
+    /// The reply subject in the form nats-server 2.9 sends (no domain, an account hash, no
+    /// last token), for a source that makes its own messages: the simulator's take the same
+    /// path through [`AckReply::parse`] as production's.
     pub fn subject(stream: &str, consumer: &str, delivered: u64, stream_sequence: u64) -> String {
-        format!("$JS.ACK.{stream}.{consumer}.{delivered}.{stream_sequence}.{stream_sequence}.0.0")
+        format!(
+            "$JS.ACK._.SIMHASH.{stream}.{consumer}.{delivered}.{stream_sequence}.{stream_sequence}.0.0"
+        )
     }
 }
 
