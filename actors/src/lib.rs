@@ -4,6 +4,7 @@
 //! - [`ports`]: the traits through which actors reach the world (clock, entropy, event source,
 //!   dedup store, state store, HTTP transport).
 //! - [`sync`]: the per-user sync state machine, pure.
+//! - [`book`]: the user actor's bookkeeping (lines, held messages, durability), pure.
 //! - [`pipeline`]: the root supervisor and the handle to start and stop it.
 //! - [`ingest`], [`dedup`], [`router`], [`user`], [`delivery`]: the actors, in the order an
 //!   event passes them.
@@ -15,6 +16,7 @@
 //! Architecture Invariant: actors do no I/O except through the port traits of [`ports`], and
 //! read no wall clock or random source except through the `Clock` and `Entropy` ports.
 
+pub mod book;
 pub mod breaker;
 pub mod dedup;
 pub mod delivery;
