@@ -334,15 +334,35 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Self::merged(None, env);
+        };
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.display().to_string(),
+            error: error.to_string(),
+        })?;
+        Self::merged(Some((&text, &path.display().to_string())), env)
+    }
+
+    /// Defaults ← `text`, a configuration file's contents read from `source` ← environment
+    /// overrides from `env`.
+    pub fn parse(
+        text: &str,
+        source: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Self::merged(Some((text, source)), env)
+    }
+
+    fn merged(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULTS_TOML));
         let mut source = "defaults".to_string();
-        if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                path: path.display().to_string(),
-                error: error.to_string(),
-            })?;
-            figment = figment.merge(Toml::string(&text));
-            source = path.display().to_string();
+        if let Some((text, path)) = file {
+            figment = figment.merge(Toml::string(text));
+            source = path.to_string();
         }
         let overrides: Vec<(String, String)> = env
             .into_iter()
