@@ -8,16 +8,11 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::ingest::Routed;
+pub use crate::messages::DedupMsg;
+use crate::messages::RouterMsg;
 use crate::ports::Ports;
-use crate::router::RouterMsg;
 use crate::slot::Slot;
 use crate::stats::Stats;
-
-#[derive(Debug)]
-pub enum DedupMsg {
-    Check(Vec<Routed>),
-}
 
 pub struct DedupArgs {
     pub ports: Ports,

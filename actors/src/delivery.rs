@@ -8,58 +8,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use protocol::{EventType, Origin, UserKey};
+use protocol::{Origin, UserKey};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::breaker::{Admit, Breaker, Change, Health};
+use crate::messages::UserMsg;
+pub use crate::messages::{DeliveryMsg, DeliveryOutcome, DeliveryRequest};
 use crate::ports::{HttpRequest, Ports, TransportError};
 use crate::settings::{PipelineSettings, TargetSettings};
 use crate::sink::Sink;
 use crate::stats::Stats;
 use crate::sync::Known;
-use crate::user::UserMsg;
 
 /// The body text kept from a rejecting answer.
 pub const ERROR_BODY_BYTES_MAX: usize = 1024;
-
-#[derive(Debug)]
-pub struct DeliveryRequest {
-    pub key: UserKey,
-    pub side: Origin,
-    pub webhook_id: String,
-    pub event_type: EventType,
-    pub state: Known,
-    pub timestamp_ms: i64,
-    /// 1 for the first attempt.
-    pub attempt: u32,
-    /// Identifies this attempt to the line that sent it.
-    pub token: u64,
-    pub reply: ActorRef<UserMsg>,
-}
-
-#[derive(Debug)]
-pub enum DeliveryMsg {
-    Deliver(DeliveryRequest),
-}
-
-/// How one attempt ended (PROTOCOL.md §3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryOutcome {
-    /// 2xx, at this engine time.
-    Accepted { at_ms: i64 },
-    /// 408, 425, 429, 5xx, no connection, timeout: try again later.
-    Transient {
-        error: String,
-        retry_after: Option<std::time::Duration>,
-    },
-    /// Any other 4xx, or a 3xx: dead-letter at once.
-    Permanent { error: String },
-    /// Not attempted: the target's circuit breaker is open. Ask again after `wait`; it
-    /// costs no attempt.
-    TargetOpen { wait: std::time::Duration },
-}
 
 /// Per user, the requests to one target go out one after the other, in the order they were
 /// handed over, even across a restart of the user actor that asked: a request of a crashed

@@ -13,21 +13,13 @@ use protocol::Origin;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::Semaphore;
 
-use crate::dedup::DedupMsg;
+use crate::messages::DedupMsg;
+pub use crate::messages::Routed;
 use crate::ports::{DeadLetter, EventSource, Incoming, Ports};
 use crate::settings::PipelineSettings;
 use crate::sink::Sink;
 use crate::slot::Slot;
 use crate::stats::Stats;
-
-/// A validated message on its way to its user's actor.
-#[derive(Debug)]
-pub struct Routed {
-    /// The sink whose consumer read it: the dedup namespace of its id.
-    pub sink: Sink,
-    pub event: Event,
-    pub incoming: Incoming,
-}
 
 #[derive(Debug)]
 pub enum IngestMsg {

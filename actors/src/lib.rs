@@ -8,7 +8,9 @@
 //! - [`pipeline`]: the root supervisor and the handle to start and stop it.
 //! - [`ingest`], [`dedup`], [`router`], [`user`], [`delivery`]: the actors, in the order an
 //!   event passes them.
-//! - [`mirror`]: the PostgreSQL users mirror, a sink with its own consumer.
+//! - [`mirror`]: the PostgreSQL users mirror, a sink with its own consumer; [`mirror_change`]:
+//!   what each event asks of it.
+//! - [`messages`]: what the actors send each other.
 //! - [`parked`]: idle users' states, kept serialized by the router between their events.
 //! - [`state_codec`]: the stored and parked form of a user's state.
 //! - [`settings`], [`sink`], [`slot`], [`stats`], [`error`]: what they share.
@@ -22,7 +24,9 @@ pub mod dedup;
 pub mod delivery;
 pub mod error;
 pub mod ingest;
+pub mod messages;
 pub mod mirror;
+pub mod mirror_change;
 pub mod parked;
 pub mod pipeline;
 pub mod ports;

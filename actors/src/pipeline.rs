@@ -17,12 +17,13 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerSettings};
-use crate::dedup::{DedupActor, DedupArgs, DedupMsg};
-use crate::delivery::{DeliveryActor, DeliveryArgs, DeliveryMsg, UserLanes};
+use crate::dedup::{DedupActor, DedupArgs};
+use crate::delivery::{DeliveryActor, DeliveryArgs, UserLanes};
 use crate::ingest::{IngestActor, IngestArgs, IngestMsg};
+use crate::messages::{DedupMsg, DeliveryMsg, RouterMsg, FLUSH_TIMEOUT_MS};
 use crate::mirror::{MirrorActor, MirrorArgs, MirrorMsg};
 use crate::ports::{EventSource, MirrorStore, Ports};
-use crate::router::{RouterActor, RouterArgs, RouterMsg};
+use crate::router::{RouterActor, RouterArgs};
 use crate::settings::PipelineSettings;
 use crate::sink::Sink;
 use crate::slot::Slot;
@@ -331,9 +332,6 @@ fn breaker(settings: &PipelineSettings, side: Origin) -> Arc<std::sync::Mutex<Br
     );
     Arc::new(std::sync::Mutex::new(Breaker::new(breaker)))
 }
-
-/// How long shutdown waits for the users' last saves.
-pub const FLUSH_TIMEOUT_MS: u64 = 10_000;
 
 /// Each sink's in-flight budget: a unit per message read and not yet settled, released with
 /// the message (see [`crate::ports::Incoming::with_permit`]).

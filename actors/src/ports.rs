@@ -274,12 +274,12 @@ pub trait StateStore: Send + Sync + 'static {
 ///
 /// `apply` MUST be idempotent and ordered by `(at_ms, event_id)`: a change not newer than
 /// the one that last wrote the row (or the user's deletion) changes nothing and answers
-/// [`MirrorOutcome::Stale`](crate::mirror::MirrorOutcome::Stale).
+/// [`MirrorOutcome::Stale`](crate::mirror_change::MirrorOutcome::Stale).
 pub trait MirrorStore: Send + Sync + 'static {
     fn apply<'a>(
         &'a self,
-        change: &'a crate::mirror::MirrorChange,
-    ) -> BoxFuture<'a, Result<crate::mirror::MirrorOutcome, PortError>>;
+        change: &'a crate::mirror_change::MirrorChange,
+    ) -> BoxFuture<'a, Result<crate::mirror_change::MirrorOutcome, PortError>>;
 }
 
 /// One HTTP request of a delivery.

@@ -13,35 +13,14 @@ use tokio::time::Instant;
 use protocol::UserKey;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use crate::delivery::DeliveryMsg;
-use crate::ingest::Routed;
-use crate::parked::{Parked, ParkedState};
+pub use crate::messages::RouterMsg;
+use crate::messages::{DeliveryMsg, UserMsg, FLUSH_TIMEOUT_MS};
+use crate::parked::Parked;
 use crate::ports::Ports;
 use crate::settings::PipelineSettings;
 use crate::slot::Slot;
 use crate::stats::Stats;
-use crate::user::{UserActor, UserArgs, UserMsg};
-
-#[derive(Debug)]
-pub enum RouterMsg {
-    Route(Routed),
-    /// A user actor has had nothing to do for a while after `received` events; `parked` is its
-    /// state, serialized, to keep for the user's next event. `actor` is the sender: an actor
-    /// may report idle twice, and the second report must not stop (or park over) the actor
-    /// that took over the key meanwhile.
-    Idle {
-        key: UserKey,
-        actor: ActorId,
-        received: u64,
-        parked: Option<ParkedState>,
-    },
-    /// Time to drop the parked states older than `user_idle_timeout`.
-    ExpireParked,
-    /// Query: how many user actors are alive.
-    GetActiveUsers(ractor::RpcReplyPort<usize>),
-    /// Every live user actor saves what it has not (shutdown); answers how many saved.
-    Flush(ractor::RpcReplyPort<usize>),
-}
+use crate::user::{UserActor, UserArgs};
 
 pub struct RouterArgs {
     pub ports: Ports,
@@ -193,7 +172,7 @@ impl Actor for RouterActor {
                     state.users.values().map(|e| e.actor.clone()).collect();
                 tokio::spawn(async move {
                     let saves = actors.iter().map(|actor| async move {
-                        ractor::call_t!(actor, UserMsg::Flush, crate::pipeline::FLUSH_TIMEOUT_MS)
+                        ractor::call_t!(actor, UserMsg::Flush, FLUSH_TIMEOUT_MS)
                     });
                     let results = futures::future::join_all(saves).await;
                     let saved = results.iter().filter(|r| matches!(r, Ok(true))).count();

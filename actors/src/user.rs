@@ -18,53 +18,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
 use crate::book::{Action, Applied, Arrival, Attempt, Book, Wait};
-use crate::delivery::{DeliveryMsg, DeliveryOutcome, DeliveryRequest};
-use crate::ingest::Routed;
+pub use crate::messages::UserMsg;
+use crate::messages::{DeliveryMsg, DeliveryOutcome, DeliveryRequest, Routed, RouterMsg};
 use crate::parked::ParkedState;
 use crate::ports::{DeadLetter, Incoming, Ports};
-use crate::router::RouterMsg;
 use crate::settings::PipelineSettings;
 use crate::sink::Sink;
 use crate::slot::Slot;
 use crate::stats::Stats;
 use crate::sync::{EventView, Verdict};
 use protocol::merge::MergeOutcome;
-
-#[derive(Debug)]
-pub enum UserMsg {
-    Event(Routed),
-    /// A delivery attempt finished.
-    Delivered {
-        side: Origin,
-        token: u64,
-        outcome: DeliveryOutcome,
-    },
-    /// A line's wait is over.
-    RetryDue {
-        side: Origin,
-        token: u64,
-    },
-    /// Safety net: an attempt got no answer at all (its delivery actor died).
-    AttemptLost {
-        side: Origin,
-        token: u64,
-    },
-    /// Time to look for attempts past their deadline (one timer per actor, not per attempt).
-    Watchdog,
-    /// The save of the state as of change `generation` finished.
-    Saved {
-        generation: u64,
-        result: Result<(), crate::PortError>,
-    },
-    /// Keep held messages alive at the source.
-    KeepAlive,
-    /// Check whether the actor has been idle long enough to stop (see [`linger`]).
-    IdleCheck,
-    /// Save what only accepted deliveries changed, now (shutdown); answers whether it saved.
-    Flush(ractor::RpcReplyPort<bool>),
-    /// The store may be tried again (a load, a save or a dead letter failed).
-    RetryStore,
-}
 
 pub struct UserArgs {
     pub key: UserKey,
@@ -79,7 +42,7 @@ pub struct UserArgs {
 }
 
 /// How long a user actor stays after its last piece of work when the user's events give no
-/// better guess (see [`linger`]); its state then waits parked in the router (see
+/// better guess (see the user actor's `linger`); its state then waits parked in the router (see
 /// [`crate::parked`]).
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
 

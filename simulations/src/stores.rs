@@ -165,11 +165,27 @@ struct Shared {
     trace: Arc<Trace>,
     /// The engine run whose saves are queued; a crash drops the dead run's queue.
     epoch: AtomicU64,
+    /// Users whose stored state is planted bad (see [`Planted`]).
+    planted: Mutex<BTreeMap<UserKey, Planted>>,
+}
+
+/// A user's state the store cannot serve, planted by the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planted {
+    /// Its stored bytes do not decode: every load fails for good.
+    Corrupt,
+    /// The database refuses its rows (a value no column or index takes): every save of it
+    /// fails for good, while the rest of its batch commits.
+    Refused,
 }
 
 impl Shared {
     fn fails(&self) -> bool {
         self.outages.covers(self.clock.virt_ms()) || self.flaky.fails()
+    }
+
+    fn planted(&self, key: &UserKey) -> Option<Planted> {
+        self.planted.lock().ok()?.get(key).copied()
     }
 }
 
@@ -206,6 +222,7 @@ impl MemStore {
             clock,
             trace,
             epoch: AtomicU64::new(0),
+            planted: Mutex::new(BTreeMap::new()),
         });
         let (queue, saves) = mpsc::unbounded_channel();
         tokio::spawn(commit(shared.clone(), saves, commit_rng));
@@ -214,6 +231,13 @@ impl MemStore {
             dead_letters: Mutex::new(Vec::new()),
             queue,
             next_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes `key`'s stored state bad from now on.
+    pub fn plant(&self, key: UserKey, planted: Planted) {
+        if let Ok(mut map) = self.shared.planted.lock() {
+            map.insert(key, planted);
         }
     }
 
@@ -267,13 +291,21 @@ async fn commit(
                     pending.remove(&save.key);
                 }
             }
-            if applied {
+            // The engine's writer retries a refused batch user by user: only the refused
+            // user's save fails.
+            let refused = shared.planted(&save.key) == Some(Planted::Refused);
+            if applied && !refused {
                 if let Ok(mut users) = shared.users.lock() {
                     users.insert(save.key, save.state);
                 }
             }
             let result = if failed {
                 Err(PortError::unavailable("store", "injected error"))
+            } else if refused {
+                Err(PortError::rejected(
+                    "store",
+                    "planted: a value no column takes",
+                ))
             } else {
                 Ok(())
             };
@@ -301,6 +333,9 @@ impl StateStore for MemStore {
             }
             if self.shared.fails() {
                 return Err(PortError::unavailable("store", "injected error"));
+            }
+            if self.shared.planted(key) == Some(Planted::Corrupt) {
+                return Err(PortError::corrupt("store", "planted: undecodable bytes"));
             }
             // A copy, not the live state: only what was committed survives a crash. (That the
             // state survives its serialization is the real stores' tests' concern.)

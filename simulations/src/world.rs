@@ -12,7 +12,7 @@ use actors::{Pipeline, PipelineArgs, Sink};
 use bytes::Bytes;
 use protocol::signing::{Keyring, SigningScheme};
 use protocol::user::Mappings;
-use protocol::{Origin, Secret};
+use protocol::{Origin, Secret, UserKey};
 use serde_json::{json, Value};
 
 use crate::apps::{AppFaults, SimApp, SimTransport, Violations};
@@ -20,7 +20,7 @@ use crate::clock::{SimClock, SimEntropy};
 use crate::nats::{FakeNats, NatsFaults};
 use crate::oracle::Oracle;
 use crate::rng::SimRng;
-use crate::stores::{Flaky, MemDedup, MemStore, Outages};
+use crate::stores::{Flaky, MemDedup, MemStore, Outages, Planted};
 use crate::trace::Trace;
 
 /// The signing secret of the simulated receivers (test-only).
@@ -557,10 +557,13 @@ async fn run_world(options: &SimOptions) -> SimReport {
         options.events,
         swarm,
         SimRng::stream(root, "workload"),
-        payload.clone(),
-        better_auth.clone(),
+        (payload.clone(), better_auth.clone()),
         nats.clone(),
         oracle.clone(),
+        PoisonPlanter {
+            store: store.clone(),
+            rng: SimRng::stream(root, "poison"),
+        },
     ));
     let mut crash_rng = SimRng::stream(root, "crashes");
     let mut crash_at: Vec<u64> = (0..swarm.crashes)
@@ -786,10 +789,10 @@ async fn workload(
     actions: u64,
     swarm: Swarm,
     mut rng: SimRng,
-    payload: Arc<SimApp>,
-    better_auth: Arc<SimApp>,
+    (payload, better_auth): (Arc<SimApp>, Arc<SimApp>),
     nats: Arc<FakeNats>,
     oracle: Arc<Mutex<Oracle>>,
+    mut planter: PoisonPlanter,
 ) {
     let mut created = std::collections::BTreeSet::new();
     let mut pool: Vec<u64> = Vec::new();
@@ -873,7 +876,8 @@ async fn workload(
         } else if roll < 0.86 {
             nats.republish(rng.next_u64());
         } else if roll < 0.89 {
-            let (subject, raw, reason) = bad_message(&mut rng, step);
+            let bad = bad_message(&mut rng, step);
+            let (subject, raw, reason) = planter.maybe_replace(bad, step);
             nats.publish(&subject, Bytes::from(raw.clone()));
             if let Ok(mut o) = oracle.lock() {
                 o.bad.push((raw, reason));
@@ -906,6 +910,32 @@ fn fields_for(rng: &mut SimRng, step: u64, create: bool) -> Vec<(String, Value)>
         }
     }
     out
+}
+
+/// Turns some bad messages into good events of a user whose stored state is bad, drawing from a
+/// stream of its own so that the rest of a seed's workload stays what it was.
+struct PoisonPlanter {
+    store: Arc<MemStore>,
+    rng: SimRng,
+}
+
+impl PoisonPlanter {
+    fn maybe_replace(
+        &mut self,
+        bad: (String, Vec<u8>, String),
+        step: u64,
+    ) -> (String, Vec<u8>, String) {
+        let (planted, reason) = match self.rng.below(4) {
+            0 => (Planted::Corrupt, "corrupt_state"),
+            1 => (Planted::Refused, "store_rejected"),
+            _ => return bad,
+        };
+        let user = format!("poison-{step}");
+        self.store.plant(UserKey::new(user.clone()), planted);
+        let ts = 1_767_225_600_000i64;
+        let raw = json!({"id": format!("poison-event-{step}"), "origin": "better-auth", "type": "user.created", "timestamp": ts, "data": {"id": user, "email": "p@x"}}).to_string().into_bytes();
+        (format!("user.created.{user}"), raw, reason.to_string())
+    }
 }
 
 /// One of §4's bad messages, with the reason it must be dead-lettered with.

@@ -129,3 +129,26 @@ pub fn rate_after(accepted: &[Received], from: Instant, already: usize) -> f64 {
         0.0
     }
 }
+
+/// How long after `from` each share (¼, ½, 9⁄10, 99⁄100, all) of the deliveries that came after
+/// it had arrived: the shape of a recovery, where an average would hide a long tail.
+pub fn arrival_shape(accepted: &[Received], from: Instant, already: usize) -> String {
+    let mut after: Vec<Duration> = accepted[already.min(accepted.len())..]
+        .iter()
+        .map(|r| r.at.saturating_duration_since(from))
+        .collect();
+    after.sort();
+    let at = |share: f64| {
+        let index = ((after.len() as f64 * share).ceil() as usize).saturating_sub(1);
+        after.get(index).copied().unwrap_or_default()
+    };
+    format!(
+        "{} after it: 25% by {:.1?}, 50% by {:.1?}, 90% by {:.1?}, 99% by {:.1?}, all by {:.1?}",
+        after.len(),
+        at(0.25),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    )
+}

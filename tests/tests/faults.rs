@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use protocol::{EventType, Origin};
 use serde_json::json;
 use tests::env::{eventually, now_ms, EnvOptions, TestEnv};
-use tests::load::{distinct, rate_after, Load, Verdict};
+use tests::load::{arrival_shape, distinct, rate_after, Load, Verdict};
 use tests::receiver::Receiver;
 use tests::relay::Relay;
 use tests::user_tables::PgDatabase;
@@ -119,11 +119,12 @@ async fn cut_while_draining(service: Service, ending: Ending) {
     let accepted = payload.accepted();
     let verdict = Verdict::of(&accepted);
     let rate = rate_after(&accepted, restored, at_restore);
+    let shape = arrival_shape(&accepted, restored, at_restore);
     println!(
         "{service:?} cut 10 s, {ending:?}: {total} events; before the cut {rate_before:.0}/s; \
          /readyz 503 after {noticed:?} (slowest answer {slowest_while_down:?}); 200 {ready_after:?} \
          after the restore; first delivery {first_delivery_after:?} after it; then {rate:.0}/s; \
-         {verdict:?}"
+         {shape}; {verdict:?}"
     );
     assert_eq!(verdict.delivered, total, "every event as its own delivery");
     assert_eq!(verdict.order_violations, 0, "each user's events in order");

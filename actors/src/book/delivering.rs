@@ -5,7 +5,7 @@ use std::time::Duration;
 use protocol::Origin;
 
 use super::{Action, Attempt, Book, Busy, Wait};
-use crate::delivery::DeliveryOutcome;
+use crate::messages::DeliveryOutcome;
 use crate::ports::DeadLetter;
 use crate::sink::Sink;
 

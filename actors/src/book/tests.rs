@@ -13,7 +13,7 @@ use protocol::{EventType, Origin, Secret};
 use serde_json::{json, Value};
 
 use super::*;
-use crate::delivery::DeliveryOutcome;
+use crate::messages::DeliveryOutcome;
 use crate::settings::{EngineFaults, RetryPolicy, TargetSettings};
 use crate::sync::{EventView, Faults, Policy};
 
