@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use protocol::Origin;
 
 use super::{Action, Applied, Arrival, Book, Held, Hold, Pending, RESTORED_MARGIN_MS};
@@ -34,7 +36,7 @@ impl<M> Book<M> {
                     waiting: Vec::new(),
                     attempts: 0,
                     subject: entry.subject.to_string(),
-                    raw: bytes::Bytes::copy_from_slice(entry.raw.as_bytes()),
+                    raw: Bytes::copy_from_slice(entry.raw.as_bytes()),
                     event_ids: vec![entry.event_id],
                     // Loaded, hence durable.
                     generation: 0,
@@ -166,13 +168,15 @@ impl<M> Book<M> {
         seq
     }
 
+    /// The subject and text of held message `seq`, for the deliveries it causes.
+    fn held_text(&mut self, seq: u64) -> Option<(String, Bytes)> {
+        let held = self.held.get_mut(seq)?;
+        Some((held.subject.clone(), held.raw.clone()))
+    }
+
     fn queue_sends(&mut self, seq: u64, event_id: &str, sends: Vec<Send>) {
         let generation = self.changes;
-        let Some((subject, raw)) = self
-            .held
-            .get_mut(seq)
-            .map(|held| (held.subject.clone(), held.raw.clone()))
-        else {
+        let Some((subject, raw)) = self.held_text(seq) else {
             return;
         };
         let n_sends = sends.len();
@@ -209,11 +213,7 @@ impl<M> Book<M> {
     /// A duplicate whose deliveries are queued already (restored from the outbox, or the
     /// original still in flight) settles with them.
     fn attach_to_queued(&mut self, seq: u64, event_id: &str) {
-        let Some((subject, raw)) = self
-            .held
-            .get_mut(seq)
-            .map(|held| (held.subject.clone(), held.raw.clone()))
-        else {
+        let Some((subject, raw)) = self.held_text(seq) else {
             return;
         };
         let mut n_attached = 0;
@@ -245,7 +245,7 @@ impl<M> Book<M> {
 
 pub(super) fn letter_of(
     subject: &str,
-    raw: &bytes::Bytes,
+    raw: &Bytes,
     event_id: &str,
     sink: crate::sink::Sink,
     poison: &super::Poison,

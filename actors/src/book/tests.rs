@@ -178,6 +178,15 @@ impl Driver {
         self.turn();
     }
 
+    /// Publishes an event and lets the actor take its turn.
+    fn event(&mut self, payload: bool, kind: u8, name: u8) {
+        self.run(Op::Event {
+            payload,
+            kind,
+            name,
+        });
+    }
+
     fn publish(&mut self, payload: bool, kind: u8, name: u8) {
         let n = self.events.len();
         let event_type = match kind {
@@ -522,11 +531,7 @@ fn the_unordered_variant_is_caught() {
     };
     let mut driver = Driver::new(false, faults);
     for name in 0..3 {
-        driver.run(Op::Event {
-            payload: false,
-            kind: 1,
-            name,
-        });
+        driver.event(false, 1, name);
         driver.run(Op::Save(0));
     }
 }
@@ -536,20 +541,12 @@ fn the_unordered_variant_is_caught() {
 #[test]
 fn a_refused_state_poisons_the_user() {
     let mut driver = Driver::new(false, EngineFaults::default());
-    driver.run(Op::Event {
-        payload: false,
-        kind: 0,
-        name: 1,
-    });
+    driver.event(false, 0, 1);
     for _ in 0..STORE_REJECTIONS_MAX {
         driver.run(Op::Save(5));
         driver.run(Op::Fire(0));
     }
-    driver.run(Op::Event {
-        payload: true,
-        kind: 1,
-        name: 2,
-    });
+    driver.event(true, 1, 2);
     assert_eq!(driver.rejected, BTreeSet::from([0, 1]));
     assert!(driver.settled.is_empty());
     assert!(driver.book.is_idle());
@@ -561,21 +558,13 @@ fn a_refused_state_poisons_the_user() {
 fn a_restored_line_holds_back_behind_its_head() {
     let mut driver = Driver::new(false, EngineFaults::default());
     for name in 0..2 {
-        driver.run(Op::Event {
-            payload: false,
-            kind: 1,
-            name,
-        });
+        driver.event(false, 1, name);
     }
     driver.run(Op::Save(0));
     assert!(driver.sends[index(PL)].is_some());
     driver.run(Op::Crash(0));
     let restarted_ms = driver.now_ms;
-    driver.run(Op::Event {
-        payload: false,
-        kind: 1,
-        name: 3,
-    });
+    driver.event(false, 1, 3);
     let head = driver.sends[index(PL)]
         .take()
         .expect("the restored head goes at once");
