@@ -1,5 +1,6 @@
 //! A generated engine configuration: everything unique to one run, in a temporary folder.
 
+use protocol::Origin;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -129,31 +130,41 @@ level = "{level}"
         })
     }
 
-    /// The subjects captured by the run's stream.
-    pub fn stream_subjects(&self) -> Vec<String> {
-        vec![
-            format!("b{}.user.>", self.run),
-            format!("b{}.payload.user.>", self.run),
-        ]
+    /// The subjects `origin` publishes on in this run.
+    pub fn subjects(&self, origin: Origin) -> Vec<String> {
+        match origin {
+            Origin::BetterAuth => vec![format!("b{}.user.>", self.run)],
+            Origin::Payload => vec![format!("b{}.payload.user.>", self.run)],
+        }
     }
 
-    /// Creates the stream the way the engine would, so events can be published before it runs.
+    /// The run's stream of `origin`'s events, named as the engine names it.
+    pub fn stream_of(&self, origin: Origin) -> String {
+        engine::adapters::nats::stream_name_for(&self.stream, origin)
+    }
+
+    /// Creates both streams the way the engine would, so events can be published before it runs.
     pub async fn ensure_stream(&self, js: &async_nats::jetstream::Context) -> anyhow::Result<()> {
-        js.get_or_create_stream(async_nats::jetstream::stream::Config {
-            name: self.stream.clone(),
-            subjects: self.stream_subjects(),
-            storage: async_nats::jetstream::stream::StorageType::File,
-            duplicate_window: std::time::Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("create stream {}: {e}", self.stream))?;
+        for origin in Origin::ALL {
+            let name = self.stream_of(origin);
+            js.get_or_create_stream(async_nats::jetstream::stream::Config {
+                name: name.clone(),
+                subjects: self.subjects(origin),
+                storage: async_nats::jetstream::stream::StorageType::File,
+                duplicate_window: std::time::Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("create stream {name}: {e}"))?;
+        }
         Ok(())
     }
 
-    /// Deletes the stream (and its consumers) and the run's PostgreSQL database.
+    /// Deletes the streams (and their consumers) and the run's PostgreSQL database.
     pub async fn cleanup(&self, js: &async_nats::jetstream::Context) {
-        let _ = js.delete_stream(&self.stream).await;
+        for origin in Origin::ALL {
+            let _ = js.delete_stream(self.stream_of(origin)).await;
+        }
         if let Some(name) = &self.postgres_db {
             if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -189,7 +189,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bench::publisher::EventMaker::new(&setup.run, workload.users, cli.payload_bytes);
             let secs =
                 bench::publisher::publish_all(&js, &workload, &mut maker, &pub_tracker).await?;
-            let nats = scenario::nats_consume_rate(&js, &setup.stream, workload.events()).await;
+            // The raw figures read Better Auth's stream, which holds half the events.
+            let ba_stream = setup.stream_of(protocol::Origin::BetterAuth);
+            let ba_events = workload.better_auth_events();
+            let nats = scenario::nats_consume_rate(&js, &ba_stream, ba_events).await;
             let http = scenario::http_post_rate(
                 receiver.addr,
                 &tracker,
@@ -200,10 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await;
             let forward = scenario::forward_rate(
                 &js,
-                &setup.stream,
+                &ba_stream,
                 receiver.addr,
                 &tracker,
-                workload.events().min(200_000),
+                ba_events.min(200_000),
                 cli.max_concurrency,
             )
             .await;

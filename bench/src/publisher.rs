@@ -49,6 +49,11 @@ impl Workload {
     pub fn events(&self) -> usize {
         self.order.len()
     }
+
+    /// How many of the events are Better Auth's (even users; see [`EventMaker::make`]).
+    pub fn better_auth_events(&self) -> usize {
+        self.order.iter().filter(|u| *u % 2 == 0).count()
+    }
 }
 
 /// Turns event numbers into subjects and bodies, keeping per user a sequence number (carried

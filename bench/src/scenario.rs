@@ -296,7 +296,10 @@ async fn drain_in(
     .await;
     let limits = if limits {
         eprintln!("{name}: measuring the raw limits");
-        let nats = nats_consume_rate(&world.js, &world.setup.stream, events).await?;
+        // The raw figures read Better Auth's stream, which holds half the events.
+        let ba_stream = world.setup.stream_of(protocol::Origin::BetterAuth);
+        let ba_events = workload.better_auth_events();
+        let nats = nats_consume_rate(&world.js, &ba_stream, ba_events).await?;
         let http = http_post_rate(
             world.receiver.addr,
             &world.tracker,
@@ -308,10 +311,10 @@ async fn drain_in(
         // The drain's own figures stand without it: a failed forwarder reads NaN.
         let forward = forward_rate(
             &world.js,
-            &world.setup.stream,
+            &ba_stream,
             world.receiver.addr,
             &world.tracker,
-            events.min(200_000),
+            ba_events.min(200_000),
             options.config.max_concurrency,
         )
         .await

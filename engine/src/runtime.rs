@@ -154,12 +154,13 @@ pub async fn run(
     };
     let _ = backends.set(crate::server::Backends { store: sql, redis });
     let js = async_nats::jetstream::new(nats_client.clone());
-    let stream = nats::ensure_stream(&js, &config.nats).await?;
+    let streams = nats::ensure_streams(&js, &config.nats).await?;
     let mut consumers = Vec::new();
     let mut named_consumers = Vec::new();
     for sink in Sink::ALL {
         let consumer =
-            nats::ensure_consumer(&stream, &config.nats, sink, config.engine.max_in_flight).await?;
+            nats::ensure_consumer(&streams, &config.nats, sink, config.engine.max_in_flight)
+                .await?;
         named_consumers.push((
             nats::consumer_name(&config.nats.durable_prefix, sink),
             consumer.clone(),
@@ -169,7 +170,7 @@ pub async fn run(
     let mirror = if config.mirror.enabled {
         let table = PgMirror::connect(&config.mirror).await?;
         let consumer =
-            nats::ensure_mirror_consumer(&stream, &config.nats, config.engine.max_in_flight)
+            nats::ensure_mirror_consumer(&streams, &config.nats, config.engine.max_in_flight)
                 .await?;
         named_consumers.push((
             format!("{}-mirror", config.nats.durable_prefix),
@@ -216,7 +217,8 @@ pub async fn run(
     ready.store(true, Ordering::Relaxed);
     tracing::info!(
         message = "Engine running.",
-        stream = %config.nats.stream,
+        better_auth_stream = %nats::stream_name(&config.nats, protocol::Origin::BetterAuth),
+        payload_stream = %nats::stream_name(&config.nats, protocol::Origin::Payload),
         listen = %config.http.listen,
         store = %store_kind(&config.store.url),
         dedup = ?config.dedup.backend,

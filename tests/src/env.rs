@@ -382,22 +382,30 @@ level = "info"
         }
     }
 
-    /// The stream, created the way the engine would, so events can be published before it runs.
+    /// The stream of `origin`'s events, named as the engine names it.
+    pub fn stream_of(&self, origin: Origin) -> String {
+        engine::adapters::nats::stream_name_for(&self.stream, origin)
+    }
+
+    /// Both streams, created the way the engine would, so events can be published before it
+    /// runs.
     pub async fn ensure_stream(&self) {
-        let subjects = vec![
-            format!("t{}.user.>", self.id),
-            format!("t{}.payload.user.>", self.id),
-        ];
-        self.js
-            .get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: self.stream.clone(),
-                subjects,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .expect("create test stream");
+        for origin in Origin::ALL {
+            let subject = match origin {
+                Origin::BetterAuth => format!("t{}.user.>", self.id),
+                Origin::Payload => format!("t{}.payload.user.>", self.id),
+            };
+            self.js
+                .get_or_create_stream(async_nats::jetstream::stream::Config {
+                    name: self.stream_of(origin),
+                    subjects: vec![subject],
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .expect("create test stream");
+        }
     }
 
     /// Reads `/metrics` and returns a counter's value.
@@ -435,10 +443,12 @@ level = "info"
             .collect()
     }
 
-    /// Deletes the stream (and with it the consumers).
+    /// Deletes the streams (and with them the consumers).
     pub async fn cleanup(mut self) {
         self.kill_engine();
-        let _ = self.js.delete_stream(&self.stream).await;
+        for origin in Origin::ALL {
+            let _ = self.js.delete_stream(self.stream_of(origin)).await;
+        }
     }
 }
 

@@ -231,6 +231,8 @@ fn kill(child: &mut Child) {
 pub struct NatsServer {
     /// The client port on 127.0.0.1.
     pub port: u16,
+    /// The monitoring (HTTP) port on 127.0.0.1, when started with [`NatsServer::start_monitored`].
+    pub monitor_port: Option<u16>,
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -273,7 +275,27 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
         wait_for_port("nats-server", port, Some(&mut child), &log);
-        NatsServer { port, child, dir }
+        NatsServer {
+            port,
+            monitor_port: None,
+            child,
+            dir,
+        }
+    }
+
+    /// A plain server whose monitoring endpoint (`/jsz`, `/connz`) listens on another free port,
+    /// so a test can read what the server holds for a consumer (waiting pull requests, pending).
+    pub fn start_monitored() -> NatsServer {
+        let monitor_port = free_port();
+        let mut server = NatsServer::start(&format!("http: \"127.0.0.1:{monitor_port}\"\n"));
+        wait_for_port(
+            "nats-server monitoring",
+            monitor_port,
+            Some(&mut server.child),
+            &server.dir.path().join("nats-server.log"),
+        );
+        server.monitor_port = Some(monitor_port);
+        server
     }
 
     /// A server that requires TLS (verified against `pki.ca_file` by clients; client

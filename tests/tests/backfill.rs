@@ -61,7 +61,7 @@ fn summary(stdout: &str, key: &str) -> u64 {
 /// The stream holds one `user.created` per user and nothing else, and one envelope carries
 /// exactly what the table holds.
 async fn assert_published_once(env: &TestEnv, users: &[BaUser]) {
-    let messages = read_stream(&env.js, &env.stream).await;
+    let messages = read_stream(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await;
     assert_eq!(messages.len(), USERS, "messages in the stream");
     let mut event_ids = HashSet::new();
     let mut user_ids = HashSet::new();
@@ -129,7 +129,7 @@ async fn backfill_scenario(url: &str, users: &[BaUser], interruption: Interrupti
     let (stdout, _) = backfill(&env, url, &["--dry-run"]);
     assert_eq!(summary(&stdout, "would publish"), USERS as u64, "{stdout}");
     assert_eq!(
-        stream_count(&env.js, &env.stream).await,
+        stream_count(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await,
         0,
         "a dry run publishes nothing"
     );
@@ -149,7 +149,7 @@ async fn backfill_scenario(url: &str, users: &[BaUser], interruption: Interrupti
         "{stdout}"
     );
     assert_eq!(
-        stream_count(&env.js, &env.stream).await,
+        stream_count(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await,
         USERS as u64,
         "a second run publishes nothing"
     );
@@ -161,7 +161,7 @@ async fn backfill_scenario(url: &str, users: &[BaUser], interruption: Interrupti
         Interruption::Kill => {
             let mut child = spawn_backfill(&env, url, &["--rate", "2000/s"]);
             let deadline = Instant::now() + Duration::from_secs(30);
-            while stream_count(&env.js, &env.stream).await < 2000 {
+            while stream_count(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await < 2000 {
                 assert!(
                     Instant::now() < deadline,
                     "the rate-limited run did not start"
@@ -180,7 +180,7 @@ async fn backfill_scenario(url: &str, users: &[BaUser], interruption: Interrupti
             assert!(stdout.contains("--limit"), "{stdout}");
         }
     }
-    let partial = stream_count(&env.js, &env.stream).await;
+    let partial = stream_count(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await;
     assert!(
         partial > 0 && partial < USERS as u64,
         "the interrupted run published {partial}"
@@ -288,7 +288,7 @@ async fn backfill_pages_an_integer_key_in_numeric_order() {
     let (stdout, stderr) = backfill(&env, &db.url, &[]);
     assert!(stderr.contains("resuming after user \"1200\""), "{stderr}");
     assert_eq!(summary(&stdout, "published"), 1300, "{stdout}");
-    let messages = read_stream(&env.js, &env.stream).await;
+    let messages = read_stream(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await;
     let users: HashSet<String> = messages
         .iter()
         .map(|(_, body)| body["data"]["id"].as_str().unwrap_or_default().to_string())

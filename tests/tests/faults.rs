@@ -12,6 +12,7 @@ use tests::env::{eventually, now_ms, EnvOptions, TestEnv};
 use tests::load::{arrival_shape, distinct, rate_after, Load, Verdict};
 use tests::receiver::Receiver;
 use tests::relay::Relay;
+use tests::servers::NatsServer;
 use tests::user_tables::PgDatabase;
 use tests::TEST_SECRET;
 
@@ -53,12 +54,18 @@ async fn until_ready(env: &TestEnv, status: u16) -> (Duration, Duration) {
 }
 
 /// A relay in front of `service`, a store database of the test's own, and an engine using Redis
-/// dedup and that PostgreSQL store, reaching `service` through the relay.
-async fn through_relay(service: Service, db_prefix: &str) -> (Relay, PgDatabase, EnvOptions) {
-    let port = match service {
-        Service::Nats => 4222,
-        Service::Redis => 6379,
-        Service::Postgres => 5432,
+/// dedup and that PostgreSQL store, reaching `service` through the relay. NATS is a monitored
+/// server of the test's own (`nats`), so the test can read what it holds for the consumers.
+async fn through_relay(
+    service: Service,
+    db_prefix: &str,
+    nats: Option<&NatsServer>,
+) -> (Relay, PgDatabase, EnvOptions) {
+    let port = match (service, nats) {
+        (Service::Nats, Some(nats)) => nats.port,
+        (Service::Nats, None) => 4222,
+        (Service::Redis, _) => 6379,
+        (Service::Postgres, _) => 5432,
     };
     let relay = Relay::start(format!("127.0.0.1:{port}").parse().expect("addr")).await;
     let db = PgDatabase::create(db_prefix).await;
@@ -76,15 +83,66 @@ async fn through_relay(service: Service, db_prefix: &str) -> (Relay, PgDatabase,
     (relay, db, options)
 }
 
+/// Prints, every 5 s, what the server holds for each consumer: pending, delivered and not
+/// acknowledged, waiting pull requests, redelivered, and the delivered and ack-floor sequences.
+async fn probe_consumers(monitor_port: Option<u16>) {
+    let Some(port) = monitor_port else { return };
+    let url = format!("http://127.0.0.1:{port}/jsz?accounts=true&streams=true&consumers=true");
+    let started = Instant::now();
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(answer) = http.get(&url).send().await {
+            let body = answer.bytes().await.unwrap_or_default();
+            if let Ok(jsz) = serde_json::from_slice::<serde_json::Value>(&body) {
+                for consumer in consumers(&jsz) {
+                    println!(
+                        "[jsz {:>5.1}s] {} pending {} ack_pending {} waiting {} redelivered {} delivered {} floor {}",
+                        started.elapsed().as_secs_f64(),
+                        consumer["name"], consumer["num_pending"], consumer["num_ack_pending"],
+                        consumer["num_waiting"], consumer["num_redelivered"],
+                        consumer["delivered"]["stream_seq"], consumer["ack_floor"]["stream_seq"],
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+fn consumers(jsz: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    for account in jsz["account_details"].as_array().into_iter().flatten() {
+        for stream in account["stream_detail"].as_array().into_iter().flatten() {
+            all.extend(
+                stream["consumer_detail"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+        }
+    }
+    all
+}
+
 /// Cuts `service` for 10 s while a load drains through an engine using Redis dedup and a
 /// PostgreSQL store, then checks every event arrived, in order.
 async fn cut_while_draining(service: Service, ending: Ending) {
     let load = Load::scaled(200, 20);
     let total = load.total();
-    let (relay, db, options) = through_relay(service, "sync_faults").await;
+    let nats = (service == Service::Nats).then(NatsServer::start_monitored);
+    let (relay, db, options) = through_relay(service, "sync_faults", nats.as_ref()).await;
     let payload = Receiver::start(TEST_SECRET).await;
     let better_auth = Receiver::start(TEST_SECRET).await;
-    let mut env = TestEnv::new(&payload.url, &better_auth.url, options).await;
+    let mut env = match &nats {
+        Some(nats) => {
+            let client = async_nats::connect(nats.url())
+                .await
+                .expect("the test's NATS");
+            TestEnv::with_client(&payload.url, &better_auth.url, options, client)
+        }
+        None => TestEnv::new(&payload.url, &better_auth.url, options).await,
+    };
     load.publish(&env).await;
     env.start_engine().await;
     let started = Instant::now();
@@ -107,6 +165,9 @@ async fn cut_while_draining(service: Service, ending: Ending) {
     if ending == Ending::Kill {
         env.start_engine().await;
     }
+    let probe = nats
+        .as_ref()
+        .map(|nats| tokio::spawn(probe_consumers(nats.monitor_port)));
     let (ready_after, _) = until_ready(&env, 200).await;
     let first_after = payload.wait_accepted(WAIT, |r| r.len() > at_restore).await;
     let first_delivery_after = first_after[at_restore..]
@@ -120,6 +181,9 @@ async fn cut_while_draining(service: Service, ending: Ending) {
     let verdict = Verdict::of(&accepted);
     let rate = rate_after(&accepted, restored, at_restore);
     let shape = arrival_shape(&accepted, restored, at_restore);
+    if let Some(probe) = probe {
+        probe.abort();
+    }
     println!(
         "{service:?} cut 10 s, {ending:?}: {total} events; before the cut {rate_before:.0}/s; \
          /readyz 503 after {noticed:?} (slowest answer {slowest_while_down:?}); 200 {ready_after:?} \
@@ -179,7 +243,7 @@ async fn nats_cut_ending_in_a_kill_loses_nothing() {
 async fn a_service_that_accepts_and_never_answers_stalls_nothing_for_good() {
     for service in [Service::Redis, Service::Postgres] {
         let load = Load::scaled(50, 10);
-        let (relay, db, options) = through_relay(service, "sync_hang").await;
+        let (relay, db, options) = through_relay(service, "sync_hang", None).await;
         let payload = Receiver::start(TEST_SECRET).await;
         let mut env = TestEnv::new(&payload.url, &payload.url, options).await;
         env.start_engine().await;

@@ -296,7 +296,11 @@ async fn with_nats_unreachable_a_request_gets_503_and_nothing_is_stored() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "nats_unavailable");
     // The stream, read directly, holds only the first event.
-    let mut stream = env.js.get_stream(&env.stream).await.expect("stream");
+    let mut stream = env
+        .js
+        .get_stream(&env.stream_of(protocol::Origin::BetterAuth))
+        .await
+        .expect("stream");
     let info = stream.info().await.expect("stream info");
     assert_eq!(info.state.messages, 1, "the refused event was not stored");
     env.cleanup().await;

@@ -619,10 +619,11 @@ async fn the_publish_command_sends_a_well_formed_event_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_stream_with_conflicting_subjects_is_a_clear_startup_error() {
     let (_payload, _better_auth, env) = world(EnvOptions::default()).await;
-    // Someone created the stream with other subjects.
+    // Someone created Better Auth's stream with other subjects.
+    let stream = env.stream_of(BA);
     env.js
         .create_stream(async_nats::jetstream::stream::Config {
-            name: env.stream.clone(),
+            name: stream.clone(),
             subjects: vec![format!("t{}.other.>", env.id)],
             ..Default::default()
         })
@@ -632,9 +633,36 @@ async fn an_existing_stream_with_conflicting_subjects_is_a_clear_startup_error()
     assert!(!output.status.success(), "the engine must refuse to start");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains(&env.stream) && stderr.contains("do not capture"),
+        stderr.contains(&stream) && stderr.contains("must capture exactly"),
         "{stderr}"
     );
+    env.cleanup().await;
+}
+
+/// Before each application had its stream, one stream named `nats.stream` held both: the
+/// engine cannot make the new streams beside it, and says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_the_earlier_layout_is_a_clear_startup_error() {
+    let (_payload, _better_auth, env) = world(EnvOptions::default()).await;
+    env.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: env.stream.clone(),
+            subjects: vec![
+                format!("t{}.user.>", env.id),
+                format!("t{}.payload.user.>", env.id),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("create the earlier layout's stream");
+    let output = env.command(&["run"]).output().expect("run engine");
+    assert!(!output.status.success(), "the engine must refuse to start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&env.stream) && stderr.contains("earlier layout"),
+        "{stderr}"
+    );
+    let _ = env.js.delete_stream(&env.stream).await;
     env.cleanup().await;
 }
 
@@ -679,7 +707,7 @@ async fn real_jetstream_ack_subjects_give_the_delivery_count_and_stream_sequence
         json!({"id": "u1", "email": "a@x"}),
     )
     .await;
-    let stream = env.js.get_stream(&env.stream).await.expect("stream");
+    let stream = env.js.get_stream(env.stream_of(BA)).await.expect("stream");
     let consumer: async_nats::jetstream::consumer::PullConsumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::Config {
             durable_name: Some(format!("t{}-probe", env.id)),

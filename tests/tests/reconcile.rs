@@ -188,7 +188,7 @@ async fn reconcile_scenario(ba_url: &str, payload_url: &str, payload: &PayloadDb
         assert_eq!(differences[0]["payload"], expected.2, "{entry}");
     }
     assert_eq!(
-        stream_count(&env.js, &env.stream).await,
+        stream_count(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await,
         0,
         "without --fix nothing is published"
     );
@@ -217,7 +217,7 @@ async fn reconcile_scenario(ba_url: &str, payload_url: &str, payload: &PayloadDb
     );
 
     let started = tests::env::now_ms();
-    let messages = read_stream(&env.js, &env.stream).await;
+    let messages = read_stream(&env.js, &env.stream_of(protocol::Origin::BetterAuth)).await;
     let mut published: Vec<(String, String)> = messages
         .iter()
         .map(|(_, body)| {

@@ -8,6 +8,7 @@ use actors::{PortError, Sink};
 use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::ConnectOptions;
 use futures::{FutureExt, StreamExt};
+use protocol::Origin;
 use tokio::sync::Mutex;
 
 use crate::config::{NatsAuth, NatsConfig};
@@ -141,57 +142,127 @@ fn describe(error: &async_nats::ConnectError) -> String {
     errors::describe(error)
 }
 
-/// Every subject the stream must capture.
-pub fn stream_subjects(config: &NatsConfig) -> Vec<String> {
-    let mut subjects = config.better_auth_subjects.clone();
-    subjects.extend(config.payload_subjects.iter().cloned());
-    subjects
+/// The stream holding `origin`'s events: `<nats.stream>_BETTER_AUTH` or `<nats.stream>_PAYLOAD`.
+///
+/// Each origin has a stream of its own so that each sink's consumer reads a whole stream with no
+/// filter subject. A filtered consumer costs the server a scan per message on nats-server
+/// 2.9.0–2.9.14 once its pending count is recounted mid-block (by a consumer info, or on creation
+/// at a start sequence): measured at 18 ms per message, a drain of about 50 events/s for
+/// minutes after a reconnection or a restart (BENCHMARKS.md, "the slow drain").
+pub fn stream_name(config: &NatsConfig, origin: Origin) -> String {
+    stream_name_for(&config.stream, origin)
 }
 
-/// Creates the stream if missing; an existing stream must already capture our subjects.
-pub async fn ensure_stream(
+/// [`stream_name`] of the base name `stream`.
+pub fn stream_name_for(stream: &str, origin: Origin) -> String {
+    let suffix = match origin {
+        Origin::BetterAuth => "BETTER_AUTH",
+        Origin::Payload => "PAYLOAD",
+    };
+    format!("{stream}_{suffix}")
+}
+
+/// The subjects `origin` publishes on, which its stream captures.
+pub fn origin_subjects(config: &NatsConfig, origin: Origin) -> &[String] {
+    match origin {
+        Origin::BetterAuth => &config.better_auth_subjects,
+        Origin::Payload => &config.payload_subjects,
+    }
+}
+
+/// The engine's two streams, one per origin.
+#[derive(Clone)]
+pub struct Streams {
+    better_auth: stream::Stream,
+    payload: stream::Stream,
+}
+
+impl Streams {
+    /// The stream holding `origin`'s events.
+    pub fn of(&self, origin: Origin) -> &stream::Stream {
+        match origin {
+            Origin::BetterAuth => &self.better_auth,
+            Origin::Payload => &self.payload,
+        }
+    }
+}
+
+/// Creates each origin's stream if missing; an existing one must capture exactly its origin's
+/// subjects.
+pub async fn ensure_streams(
     js: &jetstream::Context,
     config: &NatsConfig,
+) -> anyhow::Result<Streams> {
+    Ok(Streams {
+        better_auth: ensure_stream(js, config, Origin::BetterAuth).await?,
+        payload: ensure_stream(js, config, Origin::Payload).await?,
+    })
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    origin: Origin,
 ) -> anyhow::Result<stream::Stream> {
-    let wanted = stream_subjects(config);
-    match js.get_stream(&config.stream).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot read stream {}: {e}", config.stream))?;
-            let have = info.config.subjects.clone();
-            let missing: Vec<&String> = wanted
-                .iter()
-                .filter(|w| !have.iter().any(|h| subject_covers(h, w)))
-                .collect();
-            if !missing.is_empty() {
-                anyhow::bail!(
-                    "stream {} exists with subjects {:?}, which do not capture {:?}; fix nats.stream or the stream's subjects",
-                    config.stream,
-                    have,
-                    missing
-                );
-            }
-            Ok(existing)
+    let name = stream_name(config, origin);
+    let wanted = origin_subjects(config, origin).to_vec();
+    let Ok(mut existing) = js.get_stream(&name).await else {
+        return create_stream(js, config, name, wanted).await;
+    };
+    let info = existing
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read stream {name}: {e}"))?;
+    let have = info.config.subjects.clone();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !have.iter().any(|h| subject_covers(h, w)))
+        .collect();
+    let extra: Vec<&String> = have
+        .iter()
+        .filter(|h| !wanted.iter().any(|w| subject_covers(w, h)))
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        anyhow::bail!(
+            "stream {name} exists with subjects {have:?}, but it must capture exactly {wanted:?} \
+             (missing {missing:?}, extra {extra:?}); fix nats.stream, the subjects, or the stream"
+        );
+    }
+    Ok(existing)
+}
+
+async fn create_stream(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    name: String,
+    subjects: Vec<String>,
+) -> anyhow::Result<stream::Stream> {
+    let created = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: subjects.clone(),
+            storage: stream::StorageType::File,
+            // Publishers set Nats-Msg-Id; JetStream drops their retries within this window.
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await;
+    match created {
+        Ok(stream) => Ok(stream),
+        Err(e) => {
+            // The layout before each origin had its own stream: one stream named nats.stream.
+            let hint = match js.get_stream(&config.stream).await {
+                Ok(_) => format!(
+                    "; stream {} holds both applications' events (the earlier layout): let an \
+                     earlier engine drain it, then delete it",
+                    config.stream
+                ),
+                Err(_) => " (another stream may already capture them)".to_string(),
+            };
+            Err(anyhow::anyhow!(
+                "cannot create stream {name} with subjects {subjects:?}: {e}{hint}"
+            ))
         }
-        Err(_) => js
-            .create_stream(stream::Config {
-                name: config.stream.clone(),
-                subjects: wanted.clone(),
-                storage: stream::StorageType::File,
-                // Publishers set Nats-Msg-Id; JetStream drops their retries within this window.
-                duplicate_window: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot create stream {} with subjects {:?}: {e} (another stream may already capture them)",
-                    config.stream,
-                    wanted
-                )
-            }),
     }
 }
 
@@ -222,50 +293,39 @@ pub fn consumer_name(prefix: &str, sink: Sink) -> String {
     format!("{prefix}-{}", sink.as_str())
 }
 
-/// Creates (or finds) the durable pull consumer of `sink`, reading its source's subjects.
+/// Creates (or finds) the durable pull consumer of `sink`, reading its source's whole stream.
 pub async fn ensure_consumer(
-    stream: &stream::Stream,
+    streams: &Streams,
     config: &NatsConfig,
     sink: Sink,
     max_ack_pending: usize,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let name = consumer_name(&config.durable_prefix, sink);
-    let subjects = match sink.source() {
-        protocol::Origin::BetterAuth => &config.better_auth_subjects,
-        protocol::Origin::Payload => &config.payload_subjects,
-    };
-    ensure_named_consumer(stream, config, name, subjects, max_ack_pending).await
+    ensure_named_consumer(streams.of(sink.source()), config, name, max_ack_pending).await
 }
 
-/// The users mirror's durable consumer, `<prefix>-mirror`, on Better Auth's subjects.
+/// The users mirror's durable consumer, `<prefix>-mirror`, on Better Auth's stream.
 pub async fn ensure_mirror_consumer(
-    stream: &stream::Stream,
+    streams: &Streams,
     config: &NatsConfig,
     max_ack_pending: usize,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let name = format!("{}-mirror", config.durable_prefix);
-    ensure_named_consumer(
-        stream,
-        config,
-        name,
-        &config.better_auth_subjects,
-        max_ack_pending,
-    )
-    .await
+    let stream = streams.of(Origin::BetterAuth);
+    ensure_named_consumer(stream, config, name, max_ack_pending).await
 }
 
 async fn ensure_named_consumer(
     stream: &stream::Stream,
     config: &NatsConfig,
     name: String,
-    subjects: &[String],
     max_ack_pending: usize,
 ) -> anyhow::Result<consumer::PullConsumer> {
-    let consumer_config = consumer_config(config, &name, subjects, max_ack_pending);
+    let consumer_config = consumer_config(config, &name, max_ack_pending);
     let mut consumer = stream
         .get_or_create_consumer(&name, consumer_config.clone())
         .await
-        .map_err(|e| anyhow::anyhow!("cannot create consumer {name} on {subjects:?}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot create consumer {name}: {e}"))?;
     let info = consumer
         .info()
         .await
@@ -277,21 +337,14 @@ async fn ensure_named_consumer(
     recreate_at_ack_floor(stream, consumer_config, &info).await
 }
 
+/// No filter subject: the consumer reads its origin's whole stream (see [`stream_name`]).
 fn consumer_config(
     config: &NatsConfig,
     name: &str,
-    subjects: &[String],
     max_ack_pending: usize,
 ) -> consumer::pull::Config {
-    let (filter_subject, filter_subjects) = match subjects {
-        [one] => (one.clone(), Vec::new()),
-        // Several filter subjects need NATS 2.10; the server says so if it is older.
-        many => (String::new(), many.to_vec()),
-    };
     consumer::pull::Config {
         durable_name: Some(name.to_string()),
-        filter_subject,
-        filter_subjects,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: config.ack_wait,
         max_deliver: config.max_deliver,

@@ -86,7 +86,7 @@ async fn backfill(config: &Config, args: &BackfillArgs) -> anyhow::Result<ExitCo
         _ => None,
     };
     if !args.dry_run {
-        crate::adapters::nats::ensure_stream(&js, &config.nats).await?;
+        crate::adapters::nats::ensure_streams(&js, &config.nats).await?;
     }
 
     let mut summary = Summary {
@@ -324,11 +324,12 @@ async fn read_checkpoint(stream: &stream::Stream, key: &str) -> anyhow::Result<O
 /// backfill into another stream starts from the beginning.
 pub fn checkpoint_key(config: &Config, source_url: &str, table: &str) -> String {
     let subject = super::publish::subject_for(config, Origin::BetterAuth, EventType::Created, "");
+    let stream = crate::adapters::nats::stream_name(&config.nats, Origin::BetterAuth);
     let mut hash = Sha256::new();
     for part in [
         without_userinfo(source_url).as_str(),
         table,
-        config.nats.stream.as_str(),
+        stream.as_str(),
         subject.as_str(),
     ] {
         hash.update(part.as_bytes());

@@ -58,7 +58,7 @@ pub fn run(args: &PublishArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = crate::adapters::nats::connect(&config.nats).await?;
         let js = async_nats::jetstream::new(client);
-        crate::adapters::nats::ensure_stream(&js, &config.nats).await?;
+        crate::adapters::nats::ensure_streams(&js, &config.nats).await?;
         publish(&js, &subject, &id, envelope.to_bytes()).await
     })?;
     println!("published {id} to {subject}");

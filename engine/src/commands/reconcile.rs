@@ -265,7 +265,7 @@ async fn fix(
 ) -> anyhow::Result<()> {
     let client = crate::adapters::nats::connect(&config.nats).await?;
     let js = async_nats::jetstream::new(client);
-    crate::adapters::nats::ensure_stream(&js, &config.nats).await?;
+    crate::adapters::nats::ensure_streams(&js, &config.nats).await?;
 
     let mut planned: Vec<(EventType, String, EventData)> = Vec::new();
     for missing in &report.missing {

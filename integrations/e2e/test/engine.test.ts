@@ -40,6 +40,8 @@ async function freePort(): Promise<number> {
 
 const id = randomUUID().replace(/-/g, "").slice(0, 12);
 const stream = `T_${id}`;
+/** The engine makes one stream per application from its `nats.stream` base name. */
+const streams = [`${stream}_BETTER_AUTH`, `${stream}_PAYLOAD`];
 const prefix = `t${id}`;
 const payloadSecret = newSecret();
 const betterAuthSecret = newSecret();
@@ -145,7 +147,7 @@ after(async () => {
   await pl?.close();
   if (nc) {
     const jsm = await nc.jetstreamManager();
-    await jsm.streams.delete(stream).catch(() => undefined);
+    for (const name of streams) await jsm.streams.delete(name).catch(() => undefined);
     await nc.close();
   }
   if (process.exitCode) console.error(`engine log (${engineLog}):\n${logTail()}`);
@@ -164,9 +166,12 @@ async function engineCounters(): Promise<Record<string, number>> {
   return counters;
 }
 
+/** Events in both of the engine's streams (one per application). */
 async function streamCount(): Promise<number> {
   const jsm = await nc.jetstreamManager();
-  return (await jsm.streams.info(stream)).state.messages;
+  let total = 0;
+  for (const name of streams) total += (await jsm.streams.info(name)).state.messages;
+  return total;
 }
 
 /** Both sides' users, as [id, email, name], sorted. */
