@@ -1,5 +1,8 @@
-//! A fake NATS JetStream: one stream, one durable consumer per sink, at-least-once delivery with
-//! redelivery after the ack deadline, duplicate deliveries, reordered redeliveries and lost acks.
+//! A fake NATS JetStream: one stream per origin (as the engine lays them out), each read whole by
+//! its sink's durable consumer, at-least-once delivery with redelivery after the ack deadline,
+//! duplicate deliveries, reordered redeliveries and lost acks. The messages are kept in one list
+//! in publish order; each carries its own origin stream's sequence, which is what the ack subject
+//! (and so `Incoming.sequence`) gives, as the real server does.
 //!
 //! Acks carry the epoch of the engine run that received the message: after a simulated crash,
 //! acks and naks of the dead run are ignored, as they would be for a killed process.
@@ -32,6 +35,8 @@ pub struct NatsFaults {
 struct Stored {
     subject: String,
     payload: Bytes,
+    /// Its sequence in its origin's stream.
+    stream_seq: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +67,14 @@ pub struct FakeNats {
     trace: Arc<Trace>,
     seed: u64,
     ack_wait_ms: u64,
+}
+
+/// The stream `sink` reads: its source's.
+fn stream_of(sink: Sink) -> &'static str {
+    match sink {
+        Sink::Payload => "SIM_BETTER_AUTH",
+        Sink::BetterAuth => "SIM_PAYLOAD",
+    }
 }
 
 fn consumes(sink: Sink, subject: &str) -> bool {
@@ -104,14 +117,18 @@ impl FakeNats {
             let Ok(mut state) = self.state.lock() else {
                 return 0;
             };
+            let mut stream_seq = 0;
             for sink in Sink::ALL {
                 if consumes(sink, subject) {
-                    *state.n_consumed.entry(sink).or_default() += 1;
+                    let n = state.n_consumed.entry(sink).or_default();
+                    *n += 1;
+                    stream_seq = *n as u64;
                 }
             }
             state.messages.push(Stored {
                 subject: subject.to_string(),
                 payload,
+                stream_seq,
             });
             state.messages.len() as u64
         };
@@ -264,7 +281,12 @@ impl FakeNats {
                 out.push(Incoming::from_jetstream(
                     stored.subject.clone(),
                     stored.payload.clone(),
-                    &AckReply::subject("SIM", sink.as_str(), delivered, seq),
+                    &AckReply::subject(
+                        stream_of(sink),
+                        sink.as_str(),
+                        delivered,
+                        stored.stream_seq,
+                    ),
                     Arc::new(FakeAcker {
                         nats: self.clone(),
                         sink,
