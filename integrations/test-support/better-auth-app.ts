@@ -11,8 +11,9 @@ import { join } from "node:path";
 import { syncEngine, type SyncEngineOptions } from "@sync-engine/better-auth";
 import { tempDir } from "./support.ts";
 
-export async function betterAuthApp(options: SyncEngineOptions) {
-  const dir = tempDir("better-auth");
+/** `dir`: the folder of an earlier app's database, to start that app again (it is then not removed). */
+export async function betterAuthApp(options: SyncEngineOptions, { dir: reuse }: { dir?: string } = {}) {
+  const dir = reuse ? { path: reuse, remove() {} } : tempDir("better-auth");
   const database = new Database(join(dir.path, "auth.db"));
   const plugin = syncEngine(options);
   const auth = betterAuth({
@@ -33,6 +34,7 @@ export async function betterAuthApp(options: SyncEngineOptions) {
     auth,
     plugin,
     context,
+    dir: dir.path,
     /** Signs a user up through the API; returns the user and the session headers. */
     async signUp(email: string, name: string, password = "password-1234") {
       const { headers, response } = await auth.api.signUpEmail({
@@ -61,6 +63,11 @@ export async function betterAuthApp(options: SyncEngineOptions) {
       await plugin.close();
       database.close();
       dir.remove();
+    },
+    /** Closes the app but keeps its database, for `betterAuthApp(options, { dir })`. */
+    async stop() {
+      await plugin.close();
+      database.close();
     },
   };
 }

@@ -4,16 +4,78 @@ import { APIError, createAuthEndpoint } from "better-auth/api";
 import {
   BadDelivery,
   newEventId,
+  OutboxRelay,
+  outboxRow,
   setUpSync,
   subjectFor,
   toWire,
   type Envelope,
   type EventType,
+  type OutboxRow,
+  type OutboxStats,
+  type OutboxStore,
   type PublisherStats,
   type SyncOptions,
 } from "@sync-engine/common";
 
-export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats, type SyncOptions } from "@sync-engine/common";
+export {
+  MemoryDeliveryLog,
+  type DeliveryLog,
+  type Envelope,
+  type Logger,
+  type OutboxStats,
+  type PublisherStats,
+  type SyncOptions,
+} from "@sync-engine/common";
+
+/** The outbox table's model name (Better Auth's migrations create it from the plugin schema). */
+export const OUTBOX_MODEL = "syncEngineOutbox";
+
+const outboxSchema = {
+  [OUTBOX_MODEL]: {
+    fields: {
+      eventId: { type: "string", required: true, unique: true },
+      subject: { type: "string", required: true },
+      body: { type: "string", required: true },
+      position: { type: "number", required: true, bigint: true, index: true },
+      createdAt: { type: "date", required: true },
+    },
+  },
+} satisfies BetterAuthPlugin["schema"];
+
+interface StoredRow {
+  eventId: string;
+  subject: string;
+  body: string;
+  position: number | string;
+  createdAt: Date | string;
+}
+
+/** The outbox rows through Better Auth's own database adapter. */
+function adapterStore(adapter: AuthContext["adapter"]): OutboxStore {
+  return {
+    async oldest(limit) {
+      const rows = await adapter.findMany<StoredRow>({
+        model: OUTBOX_MODEL,
+        limit,
+        sortBy: { field: "position", direction: "asc" },
+      });
+      return rows.map(
+        (r): OutboxRow => ({
+          id: r.eventId,
+          subject: r.subject,
+          body: r.body,
+          position: Number(r.position),
+          createdAt: new Date(r.createdAt).getTime(),
+        }),
+      );
+    },
+    async remove(id) {
+      await adapter.deleteMany({ model: OUTBOX_MODEL, where: [{ field: "eventId", value: id }] });
+    },
+    count: () => adapter.count({ model: OUTBOX_MODEL }),
+  };
+}
 
 /**
  * The options (SyncOptions of @sync-engine/common), as this plugin reads them: `subjectPrefix`
@@ -34,7 +96,11 @@ export interface SyncEnginePlugin extends BetterAuthPlugin {
   id: "sync-engine";
   /** Publish counters: published, failed (NATS unreachable, no stream, …), lastError. */
   stats: PublisherStats;
-  /** Closes the NATS connection. */
+  /** The outbox's gauges: rows waiting, the oldest one's age, and this process's counters. */
+  outbox(): Promise<OutboxStats>;
+  /** Resolves true once the outbox is empty (false after `timeoutMs`). */
+  drained(timeoutMs: number): Promise<boolean>;
+  /** Stops the outbox relay (waiting rows stay for the next start) and closes NATS. */
   close(): Promise<void>;
 }
 
@@ -44,12 +110,20 @@ export interface SyncEnginePlugin extends BetterAuthPlugin {
  * `POST <basePath>/sync/webhook`.
  */
 export function syncEngine(options: SyncEngineOptions = {}): SyncEnginePlugin {
-  const { prefix, publishing, receiving, createMissing, publisher, receiver } = setUpSync(options, {
+  const { logger, prefix, publishing, receiving, createMissing, publisher, receiver } = setUpSync(options, {
     name: "sync-engine/better-auth",
     secretEnv: "BETTER_AUTH_WEBHOOK_SECRET",
   });
   const fields = options.fields ? [...new Set(["id", "email", ...options.fields])] : undefined;
+  let resolveAdapter!: (adapter: AuthContext["adapter"]) => void;
+  const adapterReady = new Promise<AuthContext["adapter"]>((resolve) => (resolveAdapter = resolve));
+  const relay = new OutboxRelay(
+    async () => adapterStore(await adapterReady),
+    (subject, id, body) => publisher.send(subject, id, body),
+    logger,
+  );
 
+  /** Writes the event to the outbox (the app's database, never NATS) and wakes the relay. */
   async function publish(type: EventType, user: Record<string, unknown> | null | undefined): Promise<void> {
     if (!publishing || !user || receiverWrite.getStore()) return;
     const envelope: Envelope = {
@@ -59,7 +133,13 @@ export function syncEngine(options: SyncEngineOptions = {}): SyncEnginePlugin {
       timestamp: Date.now(),
       data: toWire(user, fields),
     };
-    await publisher.publish(subjectFor(prefix, type, user.id), envelope);
+    const row = outboxRow(subjectFor(prefix, type, user.id), envelope);
+    const adapter = await adapterReady;
+    await adapter.create({
+      model: OUTBOX_MODEL,
+      data: { eventId: row.id, subject: row.subject, body: row.body, position: row.position, createdAt: new Date(row.createdAt) },
+    });
+    relay.wake();
   }
 
   type AuthCtx = AuthContext;
@@ -120,7 +200,10 @@ export function syncEngine(options: SyncEngineOptions = {}): SyncEnginePlugin {
     endpoints,
     // The engine sends bursts from one address; its own retry policy paces it.
     rateLimit: [{ window: 60, max: 1_000_000, pathMatcher: (path) => path === "/sync/webhook" }],
-    init() {
+    schema: outboxSchema,
+    init(context) {
+      resolveAdapter(context.adapter);
+      if (publishing) relay.start();
       return {
         options: {
           databaseHooks: {
@@ -134,6 +217,11 @@ export function syncEngine(options: SyncEngineOptions = {}): SyncEnginePlugin {
       };
     },
     stats: publisher.stats,
-    close: () => publisher.close(),
+    outbox: () => relay.stats(),
+    drained: (timeoutMs) => relay.drained(timeoutMs),
+    async close() {
+      await relay.close();
+      await publisher.close();
+    },
   };
 }

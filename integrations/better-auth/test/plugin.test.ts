@@ -6,6 +6,7 @@ import {
   badlySigned,
   type Delivery,
   EVENT_ID,
+  eventually,
   liveApp,
   newSecret,
   postDelivery,
@@ -180,31 +181,33 @@ describe("Better Auth plugin options", () => {
     }
   });
 
-  test("NATS unreachable: the write succeeds, the failure is logged and counted", async () => {
+  test("NATS unreachable: the write succeeds at once, the event waits in the outbox, the failure is logged and counted", async () => {
     const logger = recordingLogger();
     const app = await betterAuthApp({ servers: "nats://127.0.0.1:1", secret: newSecret(), logger });
     try {
       const { user } = await app.signUp("offline@example.com", "Off Line");
       assert.equal((await app.findUser(user.id))?.email, "offline@example.com");
-      assert.equal(app.plugin.stats.failed, 1);
+      await eventually("a failed publish attempt", async () => (await app.plugin.outbox()).failed > 0);
+      const outbox = await app.plugin.outbox();
+      assert.equal(outbox.pending, 1, "the event waits in the app's database");
+      assert.match(outbox.lastError ?? "", /unreachable/);
       assert.equal(app.plugin.stats.published, 0);
-      const errors = logger.errors();
-      assert.equal(errors.length, 1);
-      assert.match(errors[0], /could not publish user\.created .* NATS \(nats:\/\/127\.0\.0\.1:1\)/);
-      assert.match(errors[0], /unreachable/);
-      assert.match(errors[0], /sync-engine reconcile/);
+      const warnings = logger.lines.filter((l) => l.level === "warn").map((l) => l.message);
+      assert.equal(warnings.length, 1, "logged once, not per attempt");
+      assert.match(warnings[0], /outbox: publishing paused \(NATS is unreachable/);
     } finally {
       await app.close();
     }
   });
 
-  test("no stream for the subjects: the write succeeds, the failure is logged and counted", async () => {
+  test("no stream for the subjects: the write succeeds, the event waits, the failure is logged and counted", async () => {
     const logger = recordingLogger();
     const app = await betterAuthApp({ subjectPrefix: `nostream${Date.now()}`, secret: newSecret(), logger });
     try {
       await app.signUp("nostream@example.com", "No Stream");
-      assert.equal(app.plugin.stats.failed, 1);
-      assert.match(logger.errors()[0], /no JetStream stream/);
+      await eventually("a failed publish attempt", async () => (await app.plugin.outbox()).failed > 0);
+      assert.equal((await app.plugin.outbox()).pending, 1);
+      assert.match(logger.lines.find((l) => l.level === "warn")?.message ?? "", /no JetStream stream/);
     } finally {
       await app.close();
     }

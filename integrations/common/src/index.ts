@@ -3,6 +3,7 @@
 import { randomUUID } from "node:crypto";
 import { connect, type ConnectionOptions, type NatsConnection } from "nats";
 import { Webhook } from "standardwebhooks";
+export * from "./outbox.js";
 
 export type EventType = "user.created" | "user.updated" | "user.deleted";
 export type Origin = "better-auth" | "payload";
@@ -120,26 +121,37 @@ export class Publisher {
 
   /** Publishes one envelope; true once JetStream stored it (or knew it already). */
   async publish(subject: string, envelope: Envelope): Promise<boolean> {
-    if (this.closed) {
-      return this.fail(subject, envelope, new Error("publisher is closed"));
-    }
     try {
-      const nc = await this.connect();
-      await nc.jetstream().publish(subject, JSON.stringify(envelope), {
-        msgID: envelope.id,
-        timeout: this.options.publishTimeoutMs ?? 5000,
-      });
-      this.stats.published += 1;
+      await this.send(subject, envelope.id, JSON.stringify(envelope));
       return true;
     } catch (error) {
       return this.fail(subject, envelope, error);
     }
   }
 
+  /**
+   * Publishes one body with `Nats-Msg-Id` = `id` and waits for JetStream's acknowledgement;
+   * throws an Error saying why not (unreachable, no stream, timeout).
+   */
+  async send(subject: string, id: string, body: string): Promise<void> {
+    try {
+      if (this.closed) throw new Error("publisher is closed");
+      const nc = await this.connect();
+      await nc.jetstream().publish(subject, body, {
+        msgID: id,
+        timeout: this.options.publishTimeoutMs ?? 5000,
+      });
+      this.stats.published += 1;
+    } catch (error) {
+      const message = describeNatsError(error);
+      this.stats.failed += 1;
+      this.stats.lastError = message;
+      throw new Error(message);
+    }
+  }
+
   private fail(subject: string, envelope: Envelope, error: unknown): false {
-    const message = describeNatsError(error);
-    this.stats.failed += 1;
-    this.stats.lastError = message;
+    const message = error instanceof Error ? error.message : String(error);
     const servers = [this.options.servers].flat().join(", ");
     this.logger.error(
       `[sync-engine] could not publish ${envelope.type} ${envelope.id} on "${subject}" to NATS (${servers}): ` +
