@@ -6,13 +6,29 @@ import { buildConfig, getPayload, handleEndpoints } from "payload";
 import { syncEnginePlugin, type PayloadSyncOptions } from "@sync-engine/payload";
 import { serve, tempDir } from "./support.ts";
 
-export async function payloadApp(options: PayloadSyncOptions, { authUsers = false } = {}) {
-  const dir = tempDir("payload");
+/**
+ * `dir`: the folder of an earlier app's database, to start that app again (it is then not
+ * removed). `transactions`: switch on the SQLite adapter's transactions (off by default).
+ * A user created with `bio: "rollback"` fails in an `afterOperation` hook, after every
+ * `afterChange` hook (the plugin's included) and before the commit.
+ */
+export async function payloadApp(
+  options: PayloadSyncOptions,
+  { authUsers = false, dir: reuse, transactions = false }: { authUsers?: boolean; dir?: string; transactions?: boolean } = {},
+) {
+  const dir = reuse ? { path: reuse, remove() {} } : tempDir("payload");
+  // Payload skips the dev schema push when the schema equals the last one pushed in this
+  // process: a second app with the same collections would find its new database empty.
+  process.env.PAYLOAD_FORCE_DRIZZLE_PUSH = "true";
   const plugin = syncEnginePlugin(options);
   const key = `test-${randomUUID()}`;
   const config = await buildConfig({
     secret: "payload-test-secret-0123456789",
-    db: sqliteAdapter({ client: { url: `file:${join(dir.path, "payload.db")}` }, push: true }),
+    db: sqliteAdapter({
+      client: { url: `file:${join(dir.path, "payload.db")}` },
+      push: true,
+      ...(transactions ? { transactionOptions: {} } : {}),
+    }),
     telemetry: false,
     typescript: { autoGenerate: false },
     admin: { user: "admins" },
@@ -22,6 +38,16 @@ export async function payloadApp(options: PayloadSyncOptions, { authUsers = fals
       {
         slug: "users",
         auth: authUsers,
+        hooks: {
+          afterOperation: [
+            ({ operation, result }) => {
+              if (operation === "create" && (result as { bio?: string } | undefined)?.bio === "rollback") {
+                throw new Error("a later hook failed");
+              }
+              return result;
+            },
+          ],
+        },
         fields: [
           ...(authUsers ? [] : [{ name: "email", type: "email" as const, required: true }]),
           { name: "fullName", type: "text" },
@@ -38,6 +64,7 @@ export async function payloadApp(options: PayloadSyncOptions, { authUsers = fals
     payload,
     plugin,
     config,
+    dir: dir.path,
     async findByAuthId(id: string) {
       const found = await payload.find({ collection: "users", where: { betterAuthUserId: { equals: id } }, limit: 1, depth: 0 });
       return (found.docs[0] as Record<string, any> | undefined) ?? null;
@@ -56,6 +83,12 @@ export async function payloadApp(options: PayloadSyncOptions, { authUsers = fals
       await plugin.close();
       await payload.destroy();
       dir.remove();
+    },
+    /** Closes the app but keeps its database, for `payloadApp(options, { dir })`. */
+    async stop() {
+      await server?.close();
+      await plugin.close();
+      await payload.destroy();
     },
   };
 }

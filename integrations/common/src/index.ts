@@ -1,5 +1,5 @@
 // @sync-engine/common: what @sync-engine/better-auth and @sync-engine/payload share. The wire
-// contract is PROTOCOL.md: envelopes on NATS JetStream, Standard Webhooks deliveries from the engine.
+// contract is docs/PROTOCOL.md: envelopes on NATS JetStream, Standard Webhooks deliveries from the engine.
 import { randomUUID } from "node:crypto";
 import { connect, type ConnectionOptions, type NatsConnection } from "nats";
 import { Webhook } from "standardwebhooks";

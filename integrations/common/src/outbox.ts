@@ -95,9 +95,12 @@ export class OutboxRelay {
     private readonly logger: Logger,
   ) {}
 
-  /** Starts the periodic pass (and runs one now). */
+  /**
+   * Starts the periodic pass; the first comes after OUTBOX_POLL_MS (rows an earlier run left),
+   * so that the app's migrations have made the table by then. A write wakes it at once.
+   */
   start(): void {
-    this.wake();
+    this.schedule();
   }
 
   /** Runs a pass soon: after a write, or when the app knows NATS is back. */

@@ -12,16 +12,70 @@ import type {
 import {
   BadDelivery,
   newEventId,
+  OutboxRelay,
+  outboxRow,
   setUpSync,
   subjectFor,
   toWire,
   type Envelope,
   type EventType,
+  type OutboxStats,
+  type OutboxStore,
   type PublisherStats,
   type SyncOptions,
 } from "@sync-engine/common";
 
-export { MemoryDeliveryLog, type DeliveryLog, type Envelope, type Logger, type PublisherStats, type SyncOptions } from "@sync-engine/common";
+export {
+  MemoryDeliveryLog,
+  type DeliveryLog,
+  type Envelope,
+  type Logger,
+  type OutboxStats,
+  type PublisherStats,
+  type SyncOptions,
+} from "@sync-engine/common";
+
+/** Slug of the outbox collection the plugin adds (hidden in the admin, no API access). */
+export const OUTBOX_SLUG = "sync-engine-outbox";
+
+const outboxCollection: CollectionConfig = {
+  slug: OUTBOX_SLUG,
+  admin: { hidden: true },
+  access: { read: () => false, create: () => false, update: () => false, delete: () => false },
+  timestamps: true,
+  fields: [
+    { name: "eventId", type: "text", required: true, unique: true, index: true },
+    { name: "subject", type: "text", required: true },
+    { name: "body", type: "textarea", required: true },
+    { name: "position", type: "number", required: true, index: true },
+  ],
+};
+
+/** When the hook's transaction commits is not told to plugins: passes this long after a write. */
+const WAKE_AFTER_WRITE_MS = [0, 50, 250] as const;
+
+/** The outbox rows through the Local API (outside any request's transaction). */
+function localApiStore(payload: Payload): OutboxStore {
+  return {
+    async oldest(limit) {
+      const found = await payload.find({ collection: OUTBOX_SLUG, sort: "position", limit, depth: 0, overrideAccess: true });
+      return found.docs.map((doc) => {
+        const row = doc as unknown as Record<string, unknown>;
+        return {
+          id: String(row.eventId),
+          subject: String(row.subject),
+          body: String(row.body),
+          position: Number(row.position),
+          createdAt: new Date(String(row.createdAt)).getTime(),
+        };
+      });
+    },
+    async remove(id) {
+      await payload.delete({ collection: OUTBOX_SLUG, where: { eventId: { equals: id } }, overrideAccess: true });
+    },
+    count: async () => (await payload.count({ collection: OUTBOX_SLUG, overrideAccess: true })).totalDocs,
+  };
+}
 
 /** `req.context` key set on the receiver's own writes; the plugin's hooks skip them. */
 export const SYNC_CONTEXT_KEY = "syncEngineDelivery";
@@ -67,7 +121,11 @@ const LOCAL_FIELDS = new Set(["createdAt", "updatedAt"]);
 export interface SyncEnginePayloadPlugin extends Plugin {
   /** Publish counters: published, failed (NATS unreachable, no stream, …), lastError. */
   stats: PublisherStats;
-  /** Closes the NATS connection. */
+  /** The outbox's gauges: rows waiting, the oldest one's age, and this process's counters. */
+  outbox(): Promise<OutboxStats>;
+  /** Resolves true once the outbox is empty (false after `timeoutMs`). */
+  drained(timeoutMs: number): Promise<boolean>;
+  /** Stops the outbox relay (waiting rows stay for the next start) and closes NATS. */
   close(): Promise<void>;
 }
 
@@ -79,10 +137,17 @@ export interface SyncEnginePayloadPlugin extends Plugin {
 export function syncEnginePlugin(options: PayloadSyncOptions = {}): SyncEnginePayloadPlugin {
   const slug = options.collection ?? "users";
   const idField = options.idField ?? "betterAuthUserId";
-  const { prefix, publishing, receiving, createMissing, publisher, receiver } = setUpSync(options, {
+  const { logger, prefix, publishing, receiving, createMissing, publisher, receiver } = setUpSync(options, {
     name: "sync-engine/payload",
     secretEnv: "PAYLOAD_WEBHOOK_SECRET",
   });
+  let resolvePayload!: (payload: Payload) => void;
+  const payloadReady = new Promise<Payload>((resolve) => (resolvePayload = resolve));
+  const relay = new OutboxRelay(
+    async () => localApiStore(await payloadReady),
+    (subject, id, body) => publisher.send(subject, id, body),
+    logger,
+  );
 
   function publishedData(doc: Record<string, unknown>): Record<string, unknown> {
     const picked = options.fields
@@ -91,6 +156,10 @@ export function syncEnginePlugin(options: PayloadSyncOptions = {}): SyncEnginePa
     return picked;
   }
 
+  /**
+   * Writes the event to the outbox through `req`, so it shares the write's transaction (a
+   * rollback takes it back), and wakes the relay, which publishes it once committed.
+   */
   async function publish(type: EventType, doc: Record<string, unknown>, req: PayloadRequest): Promise<void> {
     if (!publishing || req.context?.[SYNC_CONTEXT_KEY]) return;
     const key = doc[idField];
@@ -103,7 +172,15 @@ export function syncEnginePlugin(options: PayloadSyncOptions = {}): SyncEnginePa
       timestamp: Date.now(),
       data: publishedData(doc),
     };
-    await publisher.publish(subjectFor(prefix, `payload.user.${verb}`, key), envelope);
+    const row = outboxRow(subjectFor(prefix, `payload.user.${verb}`, key), envelope);
+    await req.payload.create({
+      collection: OUTBOX_SLUG,
+      data: { eventId: row.id, subject: row.subject, body: row.body, position: row.position },
+      req,
+      overrideAccess: true,
+      depth: 0,
+    });
+    for (const delay of WAKE_AFTER_WRITE_MS) setTimeout(() => relay.wake(), delay).unref?.();
   }
 
   const afterChange: CollectionAfterChangeHook = async ({ doc, operation, req }) => {
@@ -190,13 +267,24 @@ export function syncEnginePlugin(options: PayloadSyncOptions = {}): SyncEnginePa
         afterDelete: [...(target.hooks?.afterDelete ?? []), afterDelete],
       },
     };
+    const onInit = config.onInit;
     return {
       ...config,
-      collections: collections.map((collection) => (collection === target ? withHooks : collection)),
+      collections: [...collections.map((collection) => (collection === target ? withHooks : collection)), outboxCollection],
       endpoints: receiving ? [...(config.endpoints ?? []), endpoint] : config.endpoints,
+      async onInit(payload) {
+        await onInit?.(payload);
+        resolvePayload(payload);
+        if (publishing) relay.start();
+      },
     };
   }) as SyncEnginePayloadPlugin;
   plugin.stats = publisher.stats;
-  plugin.close = () => publisher.close();
+  plugin.outbox = () => relay.stats();
+  plugin.drained = (timeoutMs) => relay.drained(timeoutMs);
+  plugin.close = async () => {
+    await relay.close();
+    await publisher.close();
+  };
   return plugin;
 }

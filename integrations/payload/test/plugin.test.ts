@@ -5,6 +5,7 @@ import { payloadApp } from "../../test-support/payload-app.ts";
 import {
   badlySigned,
   EVENT_ID,
+  eventually,
   liveApp,
   newSecret,
   postDelivery,
@@ -170,17 +171,19 @@ describe("Payload plugin options", () => {
     }
   });
 
-  test("NATS unreachable: the write succeeds, the failure is logged and counted", async () => {
+  test("NATS unreachable: the write succeeds at once, the event waits in the outbox, the failure is logged and counted", async () => {
     const logger = recordingLogger();
     const app = await payloadApp({ servers: "nats://127.0.0.1:1", secret: newSecret(), logger });
     try {
       await app.payload.create({ collection: "users", data: { email: "off@example.com", fullName: "Off", betterAuthUserId: "u_off" } });
       assert.equal((await app.findByAuthId("u_off"))?.email, "off@example.com");
-      assert.equal(app.plugin.stats.failed, 1);
-      const errors = logger.errors();
-      assert.equal(errors.length, 1);
-      assert.match(errors[0], /could not publish user\.created .*unreachable/);
-      assert.match(errors[0], /sync-engine reconcile/);
+      await eventually("a failed publish attempt", async () => (await app.plugin.outbox()).failed > 0);
+      const outbox = await app.plugin.outbox();
+      assert.equal(outbox.pending, 1, "the event waits in the app's database");
+      assert.match(outbox.lastError ?? "", /unreachable/);
+      const warnings = logger.lines.filter((l) => l.level === "warn").map((l) => l.message);
+      assert.equal(warnings.length, 1, "logged once, not per attempt");
+      assert.match(warnings[0], /outbox: publishing paused \(NATS is unreachable/);
     } finally {
       await app.close();
     }
