@@ -46,7 +46,7 @@ export async function betterAuthApp(options: SyncEngineOptions, { dir: reuse }: 
     },
     findUser: (id: string) => context.internalAdapter.findUserById(id),
     async listUsers() {
-      const users = await context.adapter.findMany<Record<string, any>>({ model: "user" });
+      const users = await context.adapter.findMany<Record<string, any>>({ model: "user", limit: 100_000 });
       return users.sort((a, b) => String(a.id).localeCompare(String(b.id)));
     },
     /** Serves auth.handler on 127.0.0.1; returns the base URL. */

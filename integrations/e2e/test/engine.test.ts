@@ -11,6 +11,7 @@ import { fileURLToPath } from "node:url";
 import { connect, type NatsConnection } from "nats";
 import { betterAuthApp } from "../../test-support/better-auth-app.ts";
 import { payloadApp } from "../../test-support/payload-app.ts";
+import { Relay } from "../../test-support/relay.ts";
 import { eventually, NATS_URL, newSecret, recordingLogger, sleep, tempDir } from "../../test-support/support.ts";
 
 const repo = resolve(dirname(fileURLToPath(import.meta.url)), "../../..");
@@ -52,6 +53,8 @@ let engine: ChildProcess | undefined;
 let engineExit: string | undefined;
 let httpPort = 0;
 let nc: NatsConnection;
+/** The apps reach NATS through it (the engine directly), so a test can cut the apps off. */
+let appsNats: Relay;
 let ba: Awaited<ReturnType<typeof betterAuthApp>>;
 let pl: Awaited<ReturnType<typeof payloadApp>>;
 const baLogger = recordingLogger();
@@ -72,8 +75,10 @@ function logTail(): string {
 before(async () => {
   const bin = engineBinary();
   nc = await connect({ servers: NATS_URL, timeout: 3000 });
-  ba = await betterAuthApp({ subjectPrefix: prefix, secret: betterAuthSecret, servers: NATS_URL, logger: baLogger });
-  pl = await payloadApp({ subjectPrefix: prefix, secret: payloadSecret, servers: NATS_URL, logger: plLogger });
+  appsNats = await Relay.start(Number(new URL(NATS_URL).port || 4222));
+  const servers = appsNats.url("nats");
+  ba = await betterAuthApp({ subjectPrefix: prefix, secret: betterAuthSecret, servers, logger: baLogger });
+  pl = await payloadApp({ subjectPrefix: prefix, secret: payloadSecret, servers, logger: plLogger });
   const baUrl = await ba.listen();
   const plUrl = await pl.listen();
   httpPort = await freePort();
@@ -145,6 +150,7 @@ after(async () => {
   }
   await ba?.close();
   await pl?.close();
+  await appsNats?.close();
   if (nc) {
     const jsm = await nc.jetstreamManager();
     for (const name of streams) await jsm.streams.delete(name).catch(() => undefined);
@@ -192,7 +198,7 @@ const byId = (rows: unknown[][]) => rows.sort((a, b) => String(a[0]).localeCompa
  * delivery is on its way both sides can briefly hold the same older state (one side applied
  * the other's stale copy and the engine's resend has not landed yet).
  */
-async function converge(what: string, expected: unknown[][]) {
+async function converge(what: string, expected: unknown[][], timeoutMs = 20_000) {
   let last: Awaited<ReturnType<typeof sides>> | undefined;
   try {
     await eventually(
@@ -202,7 +208,7 @@ async function converge(what: string, expected: unknown[][]) {
         const same = JSON.stringify(last.ba) === JSON.stringify(last.pl);
         return same && JSON.stringify(last.ba) === JSON.stringify(byId(expected));
       },
-      20_000,
+      timeoutMs,
     );
   } catch (error) {
     throw new Error(`${(error as Error).message}\nBetter Auth: ${JSON.stringify(last?.ba)}\nPayload: ${JSON.stringify(last?.pl)}\nexpected: ${JSON.stringify(expected)}\nengine log:\n${logTail()}`);
@@ -290,4 +296,39 @@ test("both apps converge through the engine, and the traffic stops", async (t) =
   assert.equal(dlq.status, 0, dlq.stderr);
   assert.equal(dlq.stdout.trim(), "", `dead letters:\n${dlq.stdout}`);
   assert.deepEqual(await sides(), final, "state changed after the traffic stopped");
+});
+
+test("changes made while the apps cannot reach NATS all reach the other app once it is back", async (t) => {
+  const before = (await sides()).ba;
+  const n = 200;
+  appsNats.cut();
+  const expected: unknown[][] = [...before];
+  let slowest = 0;
+  for (let i = 0; i < n; i++) {
+    let started = performance.now();
+    const user = await ba.context.internalAdapter.createUser(
+      { email: `cut-ba-${i}@example.com`, name: `Cut BA ${i}`, emailVerified: false },
+      { method: "test" },
+    );
+    slowest = Math.max(slowest, performance.now() - started);
+    expected.push([user.id, `cut-ba-${i}@example.com`, `Cut BA ${i}`]);
+    started = performance.now();
+    await pl.payload.create({
+      collection: "users",
+      data: { email: `cut-pl-${i}@example.com`, fullName: `Cut PL ${i}`, betterAuthUserId: `cutpl_${id}_${i}` },
+    });
+    slowest = Math.max(slowest, performance.now() - started);
+    expected.push([`cutpl_${id}_${i}`, `cut-pl-${i}@example.com`, `Cut PL ${i}`]);
+  }
+  const waiting = [(await ba.plugin.outbox()).pending, (await pl.plugin.outbox()).pending];
+  assert.deepEqual(waiting, [n, n], "every write succeeded and its event waits in its app's outbox");
+  await sleep(1000);
+  appsNats.restore();
+  const restored = performance.now();
+  await converge(`the ${2 * n} changes made during the cut to reach the other app`, expected, 60_000);
+  t.diagnostic(
+    `${2 * n} writes while the apps' NATS was cut (slowest ${slowest.toFixed(1)} ms); ` +
+      `both apps agree ${(performance.now() - restored).toFixed(0)} ms after the restore`,
+  );
+  assert.deepEqual([(await ba.plugin.outbox()).pending, (await pl.plugin.outbox()).pending], [0, 0]);
 });
