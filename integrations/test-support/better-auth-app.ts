@@ -5,19 +5,24 @@ import { getMigrations } from "better-auth/db/migration";
 import { toNodeHandler } from "better-auth/node";
 import { SqliteDialect } from "kysely";
 import Database from "libsql";
+import pg from "pg";
 import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { syncEngine, type SyncEngineOptions } from "@sync-engine/better-auth";
 import { tempDir } from "./support.ts";
 
-/** `dir`: the folder of an earlier app's database, to start that app again (it is then not removed). */
-export async function betterAuthApp(options: SyncEngineOptions, { dir: reuse }: { dir?: string } = {}) {
+/**
+ * `dir`: the folder of an earlier app's database, to start that app again (it is then not
+ * removed). `postgres`: a PostgreSQL database URL to use instead of SQLite.
+ */
+export async function betterAuthApp(options: SyncEngineOptions, { dir: reuse, postgres }: { dir?: string; postgres?: string } = {}) {
   const dir = reuse ? { path: reuse, remove() {} } : tempDir("better-auth");
-  const database = new Database(join(dir.path, "auth.db"));
+  const database = postgres ? undefined : new Database(join(dir.path, "auth.db"));
+  const pool = postgres ? new pg.Pool({ connectionString: postgres, max: 4 }) : undefined;
   const plugin = syncEngine(options);
   const auth = betterAuth({
-    database: { dialect: new SqliteDialect({ database: database as any }), type: "sqlite" },
+    database: pool ?? { dialect: new SqliteDialect({ database: database as any }), type: "sqlite" },
     secret: "test-secret-0123456789-abcdefghijklmnop-XYZ",
     baseURL: "http://127.0.0.1",
     emailAndPassword: { enabled: true },
@@ -61,13 +66,15 @@ export async function betterAuthApp(options: SyncEngineOptions, { dir: reuse }: 
         await new Promise((resolve) => server!.close(resolve));
       }
       await plugin.close();
-      database.close();
+      database?.close();
+      await pool?.end();
       dir.remove();
     },
     /** Closes the app but keeps its database, for `betterAuthApp(options, { dir })`. */
     async stop() {
       await plugin.close();
-      database.close();
+      database?.close();
+      await pool?.end();
     },
   };
 }

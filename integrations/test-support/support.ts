@@ -249,3 +249,31 @@ export function withoutEnv(name: string, fn: () => void): void {
     if (saved !== undefined) process.env[name] = saved;
   }
 }
+
+/** The shared PostgreSQL (trust auth) that the tests create their own databases in. */
+export const POSTGRES_ADMIN_URL = process.env.POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/test";
+
+/** A fresh PostgreSQL database of the test's own; `drop()` removes it. Fails loudly without PostgreSQL. */
+export async function postgresDatabase(prefix: string): Promise<{ url: string; drop(): Promise<void> }> {
+  const { default: pg } = await import("pg");
+  const name = `${prefix}_${randomUUID().replace(/-/g, "").slice(0, 12)}`;
+  const admin = new pg.Client({ connectionString: POSTGRES_ADMIN_URL });
+  try {
+    await admin.connect();
+  } catch (error) {
+    throw new Error(`PostgreSQL must run at ${POSTGRES_ADMIN_URL} for these tests: ${String(error)}`);
+  }
+  await admin.query(`CREATE DATABASE ${name}`);
+  await admin.end();
+  const url = new URL(POSTGRES_ADMIN_URL);
+  url.pathname = `/${name}`;
+  return {
+    url: url.toString(),
+    async drop() {
+      const client = new pg.Client({ connectionString: POSTGRES_ADMIN_URL });
+      await client.connect();
+      await client.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+      await client.end();
+    },
+  };
+}

@@ -5,13 +5,14 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { betterAuthApp } from "../../test-support/better-auth-app.ts";
 import { Relay } from "../../test-support/relay.ts";
-import { newSecret, recordingLogger, TestStream } from "../../test-support/support.ts";
+import { newSecret, postgresDatabase, recordingLogger, TestStream } from "../../test-support/support.ts";
 
 const WRITES = 200;
 
-describe("Better Auth plugin outbox, NATS cut by a relay", () => {
+for (const backend of ["sqlite", "postgres"] as const) describe(`Better Auth plugin outbox on ${backend}, NATS cut by a relay`, () => {
   let stream: TestStream;
   let relay: Relay;
+  let database: Awaited<ReturnType<typeof postgresDatabase>> | undefined;
   before(async () => {
     stream = await TestStream.create();
     relay = await Relay.start(4222);
@@ -20,6 +21,19 @@ describe("Better Auth plugin outbox, NATS cut by a relay", () => {
     await relay?.close();
     await stream?.remove();
   });
+
+  /** A new app on its own database (a new PostgreSQL database each time on `postgres`). */
+  async function newApp() {
+    if (backend === "sqlite") return betterAuthApp(options());
+    await database?.drop();
+    database = await postgresDatabase("ba_outbox");
+    return betterAuthApp(options(), { postgres: database.url });
+  }
+
+  /** The same app started again on its database. */
+  function restartedApp(first: Awaited<ReturnType<typeof betterAuthApp>>) {
+    return betterAuthApp(options(), backend === "sqlite" ? { dir: first.dir } : { postgres: database!.url });
+  }
 
   const options = () => ({
     servers: relay.url("nats"),
@@ -50,7 +64,7 @@ describe("Better Auth plugin outbox, NATS cut by a relay", () => {
   }
 
   test(`${WRITES} writes while NATS is down all succeed, then all reach JetStream in order`, async () => {
-    const app = await betterAuthApp(options());
+    const app = await newApp();
     try {
       await writeUsers(app, "warm", 1);
       assert.ok(await app.plugin.drained(10_000), "published while NATS is up");
@@ -71,7 +85,7 @@ describe("Better Auth plugin outbox, NATS cut by a relay", () => {
       const done = await app.plugin.outbox();
       assert.equal(done.pending, 0);
       console.log(
-        `outbox: ${WRITES} writes during the cut, slowest ${slowest.toFixed(1)} ms; ` +
+        `outbox on ${backend}: ${WRITES} writes during the cut, slowest ${slowest.toFixed(1)} ms; ` +
           `all published ${drainedAfter.toFixed(0)} ms after the restore (${done.failed} publish attempts failed during the cut)`,
       );
     } finally {
@@ -81,14 +95,14 @@ describe("Better Auth plugin outbox, NATS cut by a relay", () => {
   });
 
   test("the app restarted while NATS is down loses nothing", async () => {
-    const first = await betterAuthApp(options());
+    const first = await newApp();
     const start = await stream.count();
     relay.cut();
     const { ids } = await writeUsers(first, "restart", 50);
     assert.equal((await first.plugin.outbox()).pending, 50);
     await first.stop();
 
-    const second = await betterAuthApp(options(), { dir: first.dir });
+    const second = await restartedApp(first);
     try {
       assert.equal((await second.plugin.outbox()).pending, 50, "the rows survived the restart");
       relay.restore();
@@ -97,6 +111,8 @@ describe("Better Auth plugin outbox, NATS cut by a relay", () => {
     } finally {
       relay.restore();
       await second.close();
+      await database?.drop();
+      database = undefined;
     }
   });
 });
