@@ -93,9 +93,28 @@ pub struct ReconcileArgs {
     /// missing users, `user.updated` for differing ones, `user.deleted` for extra ones.
     #[arg(long)]
     pub fix: bool,
-    /// One JSON object with the arrays `missing`, `extra` and `differing` (and `fixes`).
+    /// One JSON object with the arrays `missing`, `extra` and `differing` (and `fixes`); with
+    /// `--every`, one such object per line and pass.
     #[arg(long)]
     pub json: bool,
+    /// Run a pass every DURATION (e.g. `1h`, `15m`) until stopped (SIGTERM or Ctrl-C), serving
+    /// the passes' metrics on `--listen`; exits 0 when stopped.
+    #[arg(long, value_name = "DURATION", value_parser = parse_every)]
+    pub every: Option<std::time::Duration>,
+    /// With `--every`: where `/metrics` (Prometheus text) is served.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9466")]
+    pub listen: std::net::SocketAddr,
+}
+
+/// A pause between scheduled passes: a duration such as `1h` or `30s`, at least one second.
+fn parse_every(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(every) if every >= std::time::Duration::from_secs(1) => Ok(every),
+        Ok(_) => Err(format!("{text:?} is too short: at least 1s between passes")),
+        Err(error) => Err(format!(
+            "{text:?} is not a duration such as 1h or 15m: {error}"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -333,3 +333,136 @@ async fn reconcile_exits_2_and_names_the_problem_on_error() {
     );
     env.cleanup().await;
 }
+
+/// Reads a child's stdout lines on a thread of their own.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receive
+}
+
+/// The next pass's JSON report from a scheduled reconcile (it prints one object per line).
+fn next_report(lines: &std::sync::mpsc::Receiver<String>) -> Value {
+    let line = lines
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a pass's report within 30 s");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON report ({e}): {line}"))
+}
+
+async fn metric(port: u16, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("the scheduled reconcile's /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+}
+
+/// `reconcile --every 1s --fix`: each pass finds what differs and publishes its repair; once
+/// the repairs are applied the next pass is clean; a drift planted while it runs is found and
+/// repaired by the next pass; the figures are on its `/metrics`; SIGTERM stops it with 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_reconcile_finds_and_fixes_a_drift_planted_while_it_runs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ba_url = better_auth_sqlite(dir.path()).await;
+    let path = dir.path().join("payload.db");
+    let pool = sqlite(&path).await;
+    sqlx::query(PAYLOAD_SQLITE)
+        .execute(&pool)
+        .await
+        .expect("create the users table");
+    let payload = PayloadDb::Sqlite(pool.clone());
+    payload.seed().await;
+    let payload_url = format!("sqlite://{}", path.display());
+    let env = TestEnv::new(UNUSED_TARGET, UNUSED_TARGET, EnvOptions::default()).await;
+    let port = tests::servers::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = env
+        .command(&[
+            "reconcile",
+            "--better-auth",
+            &ba_url,
+            "--payload",
+            &payload_url,
+            "--fix",
+            "--json",
+            "--every",
+            "1s",
+            "--listen",
+            &listen,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a scheduled reconcile");
+    let lines = lines_of(&mut child);
+    let stream = env.stream_of(protocol::Origin::BetterAuth);
+
+    let first = next_report(&lines);
+    assert_eq!(first["fixes"].as_array().map(Vec::len), Some(4), "{first}");
+    for (_, envelope) in read_stream(&env.js, &stream).await {
+        payload.apply(&envelope).await;
+    }
+    let clean = loop {
+        let report = next_report(&lines);
+        if report["in_sync"] == true {
+            break report;
+        }
+    };
+    assert_eq!(clean["fixes"].as_array().map(Vec::len), Some(0), "{clean}");
+    assert_eq!(metric(port, "sync_engine_reconcile_fixes_total").await, 4.0);
+    assert_eq!(
+        metric(
+            port,
+            "sync_engine_reconcile_last_differences{kind=\"missing\"}"
+        )
+        .await,
+        0.0
+    );
+
+    // Someone deletes a Payload row by hand while the scheduler runs.
+    payload
+        .execute(
+            "DELETE FROM users WHERE better_auth_user_id = $1",
+            &[Some("u_same")],
+        )
+        .await;
+    let found = loop {
+        let report = next_report(&lines);
+        if report["in_sync"] == false {
+            break report;
+        }
+    };
+    assert_eq!(ids(&found, "missing", "id"), ["u_same"]);
+    assert_eq!(found["fixes"][0]["type"], "user.created", "{found}");
+    assert_eq!(found["fixes"][0]["user"], "u_same", "{found}");
+    assert_eq!(metric(port, "sync_engine_reconcile_fixes_total").await, 5.0);
+    assert!(metric(port, "sync_engine_reconcile_runs_total").await >= 3.0);
+    assert_eq!(
+        metric(port, "sync_engine_reconcile_failures_total").await,
+        0.0
+    );
+
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    let status = child.wait().expect("the scheduler exits");
+    assert_eq!(status.code(), Some(0), "stopped by SIGTERM, it exits 0");
+    pool.close().await;
+    env.cleanup().await;
+}

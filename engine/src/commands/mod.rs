@@ -5,6 +5,7 @@ mod check_config;
 mod dlq;
 pub mod publish;
 mod reconcile;
+mod reconcile_schedule;
 mod run;
 mod sign;
 mod simulate;

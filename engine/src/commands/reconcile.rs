@@ -21,7 +21,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::adapters::user_tables::{
-    now_ms, snake_case, BetterAuthUser, PayloadColumns, PayloadUser, UserDb, PAGE_ROWS,
+    now_ms, snake_case, BetterAuthUser, CheckedTable, PayloadColumns, PayloadUser, UserDb,
+    PAGE_ROWS,
 };
 use crate::cli::ReconcileArgs;
 use crate::config::Config;
@@ -50,7 +51,7 @@ pub fn run(args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
 
 /// A Better Auth user that Payload does not have.
 #[derive(Debug, Serialize)]
-struct Missing {
+pub(super) struct Missing {
     id: String,
     email: Option<String>,
     name: Option<String>,
@@ -58,7 +59,7 @@ struct Missing {
 
 /// A Payload user linked to a Better Auth user that does not exist.
 #[derive(Debug, Serialize)]
-struct Extra {
+pub(super) struct Extra {
     payload_id: String,
     better_auth_user_id: String,
     email: Option<String>,
@@ -75,7 +76,7 @@ struct FieldDifference {
 
 /// A user both sides have, with different values.
 #[derive(Debug, Serialize)]
-struct Differing {
+pub(super) struct Differing {
     id: String,
     payload_id: String,
     differences: Vec<FieldDifference>,
@@ -83,14 +84,14 @@ struct Differing {
 
 /// Several Payload users linked to one Better Auth user: no event can fix that.
 #[derive(Debug, Serialize)]
-struct Duplicate {
+pub(super) struct Duplicate {
     better_auth_user_id: String,
     payload_ids: Vec<String>,
 }
 
 /// An event published by `--fix`.
 #[derive(Debug, Serialize)]
-struct Fix {
+pub(super) struct Fix {
     #[serde(rename = "type")]
     event_type: &'static str,
     user: String,
@@ -99,57 +100,105 @@ struct Fix {
 }
 
 #[derive(Debug, Serialize)]
-struct Report {
-    in_sync: bool,
+pub(super) struct Report {
+    pub(super) in_sync: bool,
     better_auth_users: usize,
     payload_users: usize,
     /// Payload users without a Better Auth id: not synced, so not compared.
     unlinked_payload_users: usize,
-    missing: Vec<Missing>,
-    extra: Vec<Extra>,
-    differing: Vec<Differing>,
-    duplicates: Vec<Duplicate>,
-    fixes: Vec<Fix>,
+    pub(super) missing: Vec<Missing>,
+    pub(super) extra: Vec<Extra>,
+    pub(super) differing: Vec<Differing>,
+    pub(super) duplicates: Vec<Duplicate>,
+    pub(super) fixes: Vec<Fix>,
     /// Differences `--fix` could not turn into an event, with the reason.
-    not_fixed: Vec<String>,
+    pub(super) not_fixed: Vec<String>,
 }
 
 async fn reconcile(config: &Config, args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
-    let ba_db = UserDb::connect(&args.better_auth, "--better-auth").await?;
-    let payload_db = UserDb::connect(&args.payload, "--payload").await?;
-    let ba_table = ba_db
-        .better_auth_table(&args.ba_table, &better_auth_columns(config))
-        .await?;
-    let payload_table = payload_db
-        .payload_table(&args.payload_table, &payload_columns(config))
-        .await?;
-
-    let mut ba_users: BTreeMap<String, BetterAuthUser> = BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = ba_db
-            .better_auth_page(&ba_table, after.as_deref(), PAGE_ROWS)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        ba_users.extend(page.into_iter().map(|user| (user.id.clone(), user)));
+    let tables = Tables::open(config, args).await?;
+    if let Some(every) = args.every {
+        return super::reconcile_schedule::run(config, args, &tables, every).await;
     }
-    let payload_users = payload_db.payload_users(&payload_table).await?;
-
-    let mut report = compare(&ba_users, &payload_users);
-    if args.fix && !report.in_sync {
-        fix(config, &ba_users, &mut report).await?;
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
-    }
+    let report = pass(config, args, &tables).await?;
+    print(&report, args.json)?;
     Ok(if report.in_sync {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_DIFFERENT)
     })
+}
+
+/// Both applications' user tables, checked once.
+pub(super) struct Tables {
+    ba_db: UserDb,
+    payload_db: UserDb,
+    ba_table: CheckedTable,
+    payload_table: CheckedTable,
+}
+
+impl Tables {
+    async fn open(config: &Config, args: &ReconcileArgs) -> anyhow::Result<Tables> {
+        let ba_db = UserDb::connect(&args.better_auth, "--better-auth").await?;
+        let payload_db = UserDb::connect(&args.payload, "--payload").await?;
+        let ba_table = ba_db
+            .better_auth_table(&args.ba_table, &better_auth_columns(config))
+            .await?;
+        let payload_table = payload_db
+            .payload_table(&args.payload_table, &payload_columns(config))
+            .await?;
+        Ok(Tables {
+            ba_db,
+            payload_db,
+            ba_table,
+            payload_table,
+        })
+    }
+
+    /// Every Better Auth user, by id, read a page at a time.
+    async fn better_auth_users(&self) -> anyhow::Result<BTreeMap<String, BetterAuthUser>> {
+        let mut users = BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .ba_db
+                .better_auth_page(&self.ba_table, after.as_deref(), PAGE_ROWS)
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(users);
+            };
+            after = Some(last.id.clone());
+            users.extend(page.into_iter().map(|user| (user.id.clone(), user)));
+        }
+    }
+}
+
+/// One comparison of the two tables, and with `--fix` the events that repair what differs.
+pub(super) async fn pass(
+    config: &Config,
+    args: &ReconcileArgs,
+    tables: &Tables,
+) -> anyhow::Result<Report> {
+    let ba_users = tables.better_auth_users().await?;
+    let payload_users = tables
+        .payload_db
+        .payload_users(&tables.payload_table)
+        .await?;
+    let mut report = compare(&ba_users, &payload_users);
+    if args.fix && !report.in_sync {
+        fix(config, tables, &ba_users, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// The report as a table and lines, or as JSON (one line per report).
+pub(super) fn print(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print_report(report);
+    }
+    Ok(())
 }
 
 /// Payload's column names: the snake_case of the Payload fields that `targets.payload.fields`
@@ -260,6 +309,7 @@ type EventData = Result<Map<String, Value>, String>;
 /// `user.deleted` for the extra users, as Better Auth events stamped now.
 async fn fix(
     config: &Config,
+    tables: &Tables,
     ba_users: &BTreeMap<String, BetterAuthUser>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
@@ -282,21 +332,24 @@ async fn fix(
             full_user(config, ba_users, &differing.id),
         ));
     }
-    // One deletion per Better Auth id, however many Payload users carry it.
-    let mut deleted: HashSet<&str> = HashSet::new();
-    for extra in &report.extra {
-        if deleted.insert(extra.better_auth_user_id.as_str()) {
-            let mut data = Map::new();
-            data.insert(
-                better_auth_columns(config).id,
-                Value::String(extra.better_auth_user_id.clone()),
-            );
-            planned.push((
-                EventType::Deleted,
-                extra.better_auth_user_id.clone(),
-                Ok(data),
-            ));
-        }
+    // A user created in Better Auth after its table was read, and delivered to Payload before
+    // Payload's was, looks extra. A deletion is final, so Better Auth is read a second time,
+    // after Payload, and only a user missing from both reads is deleted.
+    let second_look: HashSet<String> = if report.extra.is_empty() {
+        HashSet::new()
+    } else {
+        tables.better_auth_users().await?.into_keys().collect()
+    };
+    let (to_delete, appeared) = deletions(&report.extra, &second_look);
+    for id in appeared {
+        report.not_fixed.push(format!(
+            "user.deleted of user {id:?}: not published, the user is in Better Auth now (created while reconcile read the tables)"
+        ));
+    }
+    for id in to_delete {
+        let mut data = Map::new();
+        data.insert(better_auth_columns(config).id, Value::String(id.clone()));
+        planned.push((EventType::Deleted, id, Ok(data)));
     }
 
     let mappings = config.mappings();
@@ -338,6 +391,25 @@ async fn fix(
         });
     }
     Ok(())
+}
+
+/// The Better Auth ids to delete (once each, however many Payload users carry one), and those
+/// not to delete because the second read of Better Auth found them.
+fn deletions(extra: &[Extra], second_look: &HashSet<String>) -> (Vec<String>, Vec<String>) {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let (mut delete, mut appeared) = (Vec::new(), Vec::new());
+    for user in extra {
+        let id = user.better_auth_user_id.as_str();
+        if !seen.insert(id) {
+            continue;
+        }
+        if second_look.contains(id) {
+            appeared.push(id.to_string());
+        } else {
+            delete.push(id.to_string());
+        }
+    }
+    (delete, appeared)
 }
 
 fn full_user(config: &Config, ba_users: &BTreeMap<String, BetterAuthUser>, id: &str) -> EventData {
@@ -427,5 +499,32 @@ fn print_report(report: &Report) {
     }
     for not_fixed in &report.not_fixed {
         println!("not fixed: {not_fixed}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extra(id: &str, payload_id: &str) -> Extra {
+        Extra {
+            payload_id: payload_id.into(),
+            better_auth_user_id: id.into(),
+            email: None,
+            full_name: None,
+        }
+    }
+
+    #[test]
+    fn a_user_the_second_look_finds_is_never_deleted() {
+        let extras = [extra("gone", "1"), extra("new", "2"), extra("gone", "3")];
+        let second_look: HashSet<String> = ["new".to_string(), "other".to_string()].into();
+        let (delete, appeared) = deletions(&extras, &second_look);
+        assert_eq!(
+            delete,
+            ["gone"],
+            "once, however many Payload users carry it"
+        );
+        assert_eq!(appeared, ["new"]);
     }
 }
