@@ -133,6 +133,18 @@ async fn better_auth_sqlite(dir: &std::path::Path) -> String {
     format!("sqlite://{}", path.display())
 }
 
+/// Payload's users table in SQLite, seeded with `PAYLOAD_USERS`.
+async fn payload_sqlite(dir: &std::path::Path) -> (SqlitePool, std::path::PathBuf) {
+    let path = dir.join("payload.db");
+    let pool = sqlite(&path).await;
+    sqlx::query(PAYLOAD_SQLITE)
+        .execute(&pool)
+        .await
+        .expect("create the users table");
+    PayloadDb::Sqlite(pool.clone()).seed().await;
+    (pool, path)
+}
+
 fn reconcile(env: &TestEnv, ba_url: &str, payload_url: &str, extra: &[&str]) -> Output {
     let mut args = vec![
         "reconcile",
@@ -289,14 +301,8 @@ async fn reconcile_sqlite_better_auth_with_postgres_payload() {
 async fn reconcile_sqlite_better_auth_with_sqlite_payload() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ba_url = better_auth_sqlite(dir.path()).await;
-    let path = dir.path().join("payload.db");
-    let pool = sqlite(&path).await;
-    sqlx::query(PAYLOAD_SQLITE)
-        .execute(&pool)
-        .await
-        .expect("create the users table");
+    let (pool, path) = payload_sqlite(dir.path()).await;
     let payload = PayloadDb::Sqlite(pool.clone());
-    payload.seed().await;
 
     reconcile_scenario(&ba_url, &format!("sqlite://{}", path.display()), &payload).await;
     pool.close().await;
@@ -379,14 +385,8 @@ async fn metric(port: u16, line_start: &str) -> f64 {
 async fn a_scheduled_reconcile_finds_and_fixes_a_drift_planted_while_it_runs() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ba_url = better_auth_sqlite(dir.path()).await;
-    let path = dir.path().join("payload.db");
-    let pool = sqlite(&path).await;
-    sqlx::query(PAYLOAD_SQLITE)
-        .execute(&pool)
-        .await
-        .expect("create the users table");
+    let (pool, path) = payload_sqlite(dir.path()).await;
     let payload = PayloadDb::Sqlite(pool.clone());
-    payload.seed().await;
     let payload_url = format!("sqlite://{}", path.display());
     let env = TestEnv::new(UNUSED_TARGET, UNUSED_TARGET, EnvOptions::default()).await;
     let port = tests::servers::free_port();

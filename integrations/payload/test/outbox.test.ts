@@ -3,11 +3,13 @@
 // and reach JetStream in order once NATS is back; a write rolled back publishes nothing.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
+import { restartDuringAnOutage, writesDuringAnOutage, type OutboxSubject } from "../../test-support/outbox-scenarios.ts";
 import { payloadApp } from "../../test-support/payload-app.ts";
 import { Relay } from "../../test-support/relay.ts";
 import { newSecret, recordingLogger, sleep, TestStream } from "../../test-support/support.ts";
 
 const WRITES = 200;
+type App = Awaited<ReturnType<typeof payloadApp>>;
 
 describe("Payload plugin outbox, NATS cut by a relay", () => {
   let stream: TestStream;
@@ -29,75 +31,22 @@ describe("Payload plugin outbox, NATS cut by a relay", () => {
     publishTimeoutMs: 1000,
   });
 
-  /** Creates linked users through the Local API (the plugin's hooks run); returns their keys and the slowest write. */
-  async function writeUsers(app: Awaited<ReturnType<typeof payloadApp>>, tag: string, n: number) {
-    const keys: string[] = [];
-    let slowest = 0;
-    for (let i = 0; i < n; i++) {
+  const subject: OutboxSubject<App> = {
+    newApp: () => payloadApp(options()),
+    restartedApp: (first) => payloadApp(options(), { dir: first.dir }),
+    async write(app, tag, i) {
       const key = `${tag}_${i}`;
-      const started = performance.now();
       await app.payload.create({ collection: "users", data: { email: `${key}@example.com`, fullName: `${tag} ${i}`, betterAuthUserId: key } });
-      slowest = Math.max(slowest, performance.now() - started);
-      keys.push(key);
-    }
-    return { keys, slowest };
-  }
-
-  async function createdKeysInStream(from: number): Promise<string[]> {
-    return (await stream.messages())
-      .slice(from)
-      .filter((m) => m.envelope.type === "user.created")
-      .map((m) => String(m.envelope.data.betterAuthUserId));
-  }
+      return key;
+    },
+    keyOf: (data) => String(data.betterAuthUserId),
+  };
 
   test(`${WRITES} writes while NATS is down all succeed, then all reach JetStream in order`, async () => {
-    const app = await payloadApp(options());
-    try {
-      await writeUsers(app, "warm", 1);
-      assert.ok(await app.plugin.drained(10_000), "published while NATS is up");
-      const start = await stream.count();
-
-      relay.cut();
-      const { keys, slowest } = await writeUsers(app, "cut", WRITES);
-      const during = await app.plugin.outbox();
-      assert.equal(await stream.count(), start, "nothing reached JetStream while it was cut off");
-      assert.equal(during.pending, WRITES, "every write waits in the outbox");
-
-      relay.restore();
-      const restored = performance.now();
-      assert.ok(await app.plugin.drained(30_000), "the outbox empties once NATS is back");
-      const drainedAfter = performance.now() - restored;
-      assert.deepEqual(await createdKeysInStream(start), keys, "every event, once, in write order");
-      const done = await app.plugin.outbox();
-      console.log(
-        `payload outbox: ${WRITES} writes during the cut, slowest ${slowest.toFixed(1)} ms; ` +
-          `all published ${drainedAfter.toFixed(0)} ms after the restore (${done.failed} publish attempts failed during the cut)`,
-      );
-    } finally {
-      relay.restore();
-      await app.close();
-    }
+    console.log(`payload outbox: ${await writesDuringAnOutage(subject, stream, relay, WRITES)}`);
   });
 
-  test("the app restarted while NATS is down loses nothing", async () => {
-    const first = await payloadApp(options());
-    const start = await stream.count();
-    relay.cut();
-    const { keys } = await writeUsers(first, "restart", 50);
-    assert.equal((await first.plugin.outbox()).pending, 50);
-    await first.stop();
-
-    const second = await payloadApp(options(), { dir: first.dir });
-    try {
-      assert.equal((await second.plugin.outbox()).pending, 50, "the rows survived the restart");
-      relay.restore();
-      assert.ok(await second.plugin.drained(30_000), "the restarted app publishes what the first left");
-      assert.deepEqual(await createdKeysInStream(start), keys, "every event, once, in write order");
-    } finally {
-      relay.restore();
-      await second.close();
-    }
-  });
+  test("the app restarted while NATS is down loses nothing", () => restartDuringAnOutage(subject, stream, relay));
 
   test("with transactions, a write that fails after afterChange publishes nothing", async () => {
     const app = await payloadApp(options(), { transactions: true });
@@ -111,7 +60,8 @@ describe("Payload plugin outbox, NATS cut by a relay", () => {
       await app.payload.create({ collection: "users", data: { email: "ok@example.com", betterAuthUserId: "u_committed" } });
       assert.ok(await app.plugin.drained(10_000));
       await sleep(300); // a late publish of the rolled-back event would land by now
-      assert.deepEqual(await createdKeysInStream(start), ["u_committed"], "only the committed write's event");
+      const published = (await stream.messages()).slice(start).map((m) => String(m.envelope.data.betterAuthUserId));
+      assert.deepEqual(published, ["u_committed"], "only the committed write's event");
     } finally {
       await app.close();
     }
