@@ -2,9 +2,37 @@
 // cuts: writes during the outage succeed at once and wait in the app's database, then reach
 // JetStream once, in write order; a restart during the outage loses nothing.
 import assert from "node:assert/strict";
+import { after, before } from "node:test";
 import type { OutboxStats } from "@sync-engine/common";
-import type { Relay } from "./relay.ts";
-import type { TestStream } from "./support.ts";
+import { Relay } from "./relay.ts";
+import { newSecret, recordingLogger, TestStream } from "./support.ts";
+
+/**
+ * For a describe(): a TestStream and a relay in front of NATS, made before its tests and removed
+ * after them, and the plugin options that publish through the relay to the stream.
+ */
+export function outboxWorld() {
+  const world = {
+    stream: undefined as unknown as TestStream,
+    relay: undefined as unknown as Relay,
+    options: () => ({
+      servers: world.relay.url("nats"),
+      subjectPrefix: world.stream.prefix,
+      secret: newSecret(),
+      logger: recordingLogger(),
+      publishTimeoutMs: 1000,
+    }),
+  };
+  before(async () => {
+    world.stream = await TestStream.create();
+    world.relay = await Relay.start(4222);
+  });
+  after(async () => {
+    await world.relay?.close();
+    await world.stream?.remove();
+  });
+  return world;
+}
 
 /** What a scenario needs of an app. */
 export interface OutboxApp {

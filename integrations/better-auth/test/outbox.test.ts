@@ -1,43 +1,25 @@
 // The Better Auth plugin's outbox, on SQLite and on PostgreSQL, against a real JetStream behind
 // a TCP relay that the test cuts (test-support/outbox-scenarios.ts).
-import { after, before, describe, test } from "node:test";
+import { after, describe, test } from "node:test";
 import { betterAuthApp } from "../../test-support/better-auth-app.ts";
-import { restartDuringAnOutage, writesDuringAnOutage, type OutboxSubject } from "../../test-support/outbox-scenarios.ts";
-import { Relay } from "../../test-support/relay.ts";
-import { newSecret, postgresDatabase, recordingLogger, TestStream } from "../../test-support/support.ts";
+import { outboxWorld, restartDuringAnOutage, writesDuringAnOutage, type OutboxSubject } from "../../test-support/outbox-scenarios.ts";
+import { postgresDatabase } from "../../test-support/support.ts";
 
 type App = Awaited<ReturnType<typeof betterAuthApp>>;
 
 for (const backend of ["sqlite", "postgres"] as const) {
   describe(`Better Auth plugin outbox on ${backend}, NATS cut by a relay`, () => {
-    let stream: TestStream;
-    let relay: Relay;
+    const world = outboxWorld();
     let database: Awaited<ReturnType<typeof postgresDatabase>> | undefined;
-    before(async () => {
-      stream = await TestStream.create();
-      relay = await Relay.start(4222);
-    });
-    after(async () => {
-      await relay?.close();
-      await stream?.remove();
-      await database?.drop();
-    });
-
-    const options = () => ({
-      servers: relay.url("nats"),
-      subjectPrefix: stream.prefix,
-      secret: newSecret(),
-      logger: recordingLogger(),
-      publishTimeoutMs: 1000,
-    });
+    after(() => database?.drop());
     const subject: OutboxSubject<App> = {
       async newApp() {
-        if (backend === "sqlite") return betterAuthApp(options());
+        if (backend === "sqlite") return betterAuthApp(world.options());
         await database?.drop();
         database = await postgresDatabase("ba_outbox");
-        return betterAuthApp(options(), { postgres: database.url });
+        return betterAuthApp(world.options(), { postgres: database.url });
       },
-      restartedApp: (first) => betterAuthApp(options(), backend === "sqlite" ? { dir: first.dir } : { postgres: database!.url }),
+      restartedApp: (first) => betterAuthApp(world.options(), backend === "sqlite" ? { dir: first.dir } : { postgres: database!.url }),
       async write(app, tag, i) {
         const user = await app.context.internalAdapter.createUser(
           { email: `${tag}-${i}@example.com`, name: `${tag} ${i}`, emailVerified: false },
@@ -49,9 +31,9 @@ for (const backend of ["sqlite", "postgres"] as const) {
     };
 
     test("200 writes while NATS is down all succeed, then all reach JetStream in order", async () => {
-      console.log(`better-auth outbox on ${backend}: ${await writesDuringAnOutage(subject, stream, relay, 200)}`);
+      console.log(`better-auth outbox on ${backend}: ${await writesDuringAnOutage(subject, world.stream, world.relay, 200)}`);
     });
 
-    test("the app restarted while NATS is down loses nothing", () => restartDuringAnOutage(subject, stream, relay));
+    test("the app restarted while NATS is down loses nothing", () => restartDuringAnOutage(subject, world.stream, world.relay));
   });
 }
