@@ -82,6 +82,8 @@ export function outboxRow(subject: string, envelope: Envelope): OutboxRow {
  */
 export class OutboxRelay {
   private running?: Promise<void>;
+  /** A write woke the relay during a pass, which may have read the rows before it. */
+  private again = false;
   private timer?: ReturnType<typeof setTimeout>;
   private retryMs = 0;
   private closed = false;
@@ -105,11 +107,17 @@ export class OutboxRelay {
 
   /** Runs a pass soon: after a write, or when the app knows NATS is back. */
   wake(): void {
-    if (this.closed || this.running) return;
+    if (this.closed) return;
+    if (this.running) {
+      this.again = true;
+      return;
+    }
     if (this.retryMs > 0 && this.timer) return; // backing off: the timer will run it
+    this.again = false;
     this.running = this.pass().finally(() => {
       this.running = undefined;
-      this.schedule();
+      if (this.again && this.retryMs === 0) this.wake();
+      else this.schedule();
     });
   }
 
