@@ -1,4 +1,4 @@
-//! One test's world: its own stream, subjects, consumers, dedup prefix and store, an engine
+//! One test's world: its own streams, subjects, consumers, dedup prefix and store, an engine
 //! process configured for them, and a publisher.
 
 use std::net::SocketAddr;
