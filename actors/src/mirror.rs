@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::user::Event;
-use protocol::Origin;
+use protocol::{EventType, Origin};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 pub use crate::mirror_change::{MirrorChange, MirrorChangeKind, MirrorOutcome};
@@ -139,6 +139,11 @@ async fn apply_one(args: &MirrorArgs, incoming: Incoming) -> Result<(), crate::P
         .then(|| MirrorChange::from_event(&event, &args.default_organization_id))
         .flatten();
     let Some(change) = change else {
+        // A resync request is no change, and not mirrored either.
+        if event.envelope.event_type == EventType::Resync {
+            incoming.ack().await;
+            return Ok(());
+        }
         // Not Better Auth's user (a Payload event on Better Auth's subjects): not mirrored.
         Stats::add(&stats.skipped_unlinked);
         incoming.ack().await;

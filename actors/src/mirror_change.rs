@@ -51,6 +51,8 @@ impl MirrorChange {
             _ => None,
         };
         let kind = match event.envelope.event_type {
+            // A resync request changes no user.
+            EventType::Resync => return None,
             EventType::Deleted => MirrorChangeKind::Delete,
             EventType::Created | EventType::Updated => MirrorChangeKind::Upsert {
                 email: event

@@ -57,6 +57,8 @@ counters! {
     stale,
     /// Events recognised as echoes of the engine's own deliveries.
     echoes,
+    /// Resync requests handled (each sends the canonical user to a side, if the user is known).
+    resync_requests,
     /// Events applied after a later event of their side (stream order broken upstream of the
     /// user's actor): what they would have sent in order may be lost. Expected to stay 0.
     late,

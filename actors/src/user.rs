@@ -385,6 +385,7 @@ fn count_applied(state: &UserState, applied: &Applied, event_id: &str, sequence:
         Verdict::Merged(MergeOutcome::Unchanged) if applied.sends == 0 => Stats::add(&stats.stale),
         Verdict::Merged(_) if applied.sends == 0 => Stats::add(&stats.no_ops),
         Verdict::Merged(_) => {}
+        Verdict::Resync => Stats::add(&stats.resync_requests),
     }
 }
 

@@ -90,7 +90,8 @@ pub struct ReconcileArgs {
     #[arg(long, default_value = "users")]
     pub payload_table: String,
     /// Publish the events that bring Payload in line with Better Auth: `user.created` for
-    /// missing users, `user.updated` for differing ones, `user.deleted` for extra ones.
+    /// missing users, `user.updated` for differing ones, `user.deleted` for extra ones, each
+    /// followed by a resync request (`user.resync`).
     #[arg(long)]
     pub fix: bool,
     /// One JSON object with the arrays `missing`, `extra` and `differing` (and `fixes`); with
@@ -144,7 +145,7 @@ pub struct SimulateArgs {
     pub trace_out: Option<PathBuf>,
     /// A deliberately broken engine, to see the simulator catch it: mark-before-delivery,
     /// ack-before-durable, unordered, skip-merge, no-echo-suppression, echo-last-only,
-    /// no-resync.
+    /// no-resync, fail-on-store-error, ignore-resync-requests.
     #[arg(long, default_value = "correct", hide = true)]
     pub variant: String,
     /// Seeds run at once, each on its own thread (default: one per core). The verdicts and the
@@ -160,8 +161,9 @@ pub struct PublishArgs {
     /// Which application the event claims to come from.
     #[arg(long, value_parser = ["better-auth", "payload"])]
     pub origin: String,
-    /// The change.
-    #[arg(long = "type", value_parser = ["user.created", "user.updated", "user.deleted"])]
+    /// The change, or `user.resync`: a resync request, which asks the engine to send its user
+    /// to the other side than `--origin`, whatever it believes that side holds.
+    #[arg(long = "type", value_parser = ["user.created", "user.updated", "user.deleted", "user.resync"])]
     pub event_type: String,
     /// The Better Auth user id.
     #[arg(long)]

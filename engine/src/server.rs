@@ -212,7 +212,7 @@ pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> S
             count(&stats.received_payload),
         );
     }
-    let plain: [(&str, &std::sync::atomic::AtomicU64, &str); 11] = [
+    let plain: [(&str, &std::sync::atomic::AtomicU64, &str); 12] = [
         (
             "duplicates_total",
             &stats.duplicates,
@@ -232,6 +232,11 @@ pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> S
             "echoes_total",
             &stats.echoes,
             "Events recognised as echoes of the engine's own deliveries.",
+        ),
+        (
+            "resync_requests_total",
+            &stats.resync_requests,
+            "Resync requests handled: each sends the canonical user to a side, whatever it holds.",
         ),
         (
             "late_events_total",

@@ -1,4 +1,5 @@
 // Test helpers shared by the integration packages' tests (not published).
+import assert from "node:assert/strict";
 import { randomBytes, randomUUID } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
@@ -136,7 +137,7 @@ export async function postDelivery(url: string, delivery: Delivery): Promise<{ s
  * subjectPrefix, a new secret and a recording logger, served over HTTP; after them, both removed.
  * `deliver` POSTs a delivery to the app's receiver at `webhookPath`.
  */
-export function liveApp<App extends { listen(): Promise<string>; close(): Promise<void> }>(
+export function liveApp<App extends { listen(): Promise<string>; close(): Promise<void>; plugin: { drained(ms: number): Promise<boolean> } }>(
   start: (options: { subjectPrefix: string; secret: string; logger: ReturnType<typeof recordingLogger> }) => Promise<App>,
   webhookPath: string,
 ) {
@@ -147,6 +148,11 @@ export function liveApp<App extends { listen(): Promise<string>; close(): Promis
     app: undefined as unknown as App,
     baseUrl: "",
     deliver: (delivery: Delivery) => postDelivery(`${live.baseUrl}${webhookPath}`, delivery),
+    /** The stream's length once the app's outbox has published everything written so far. */
+    published: async () => {
+      assert.ok(await live.app.plugin.drained(5000), "the outbox drains");
+      return live.stream.count();
+    },
   };
   before(async () => {
     live.stream = await TestStream.create();

@@ -55,7 +55,7 @@ impl fmt::Display for Origin {
     }
 }
 
-/// The kind of change an event reports.
+/// The kind of event: a change an application reports, or a resync request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EventType {
     #[serde(rename = "user.created")]
@@ -64,16 +64,24 @@ pub enum EventType {
     Updated,
     #[serde(rename = "user.deleted")]
     Deleted,
+    /// Not a change: asks the engine to send its canonical user to the other side than the
+    /// request's origin, whatever it believes that side holds (PROTOCOL.md §1.3). Never
+    /// delivered as such: the side gets a `user.updated`, or a `user.deleted`.
+    #[serde(rename = "user.resync")]
+    Resync,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 3] = [EventType::Created, EventType::Updated, EventType::Deleted];
+    /// The kinds of change, the only types ever delivered to an application.
+    pub const CHANGES: [EventType; 3] =
+        [EventType::Created, EventType::Updated, EventType::Deleted];
 
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Created => "user.created",
             EventType::Updated => "user.updated",
             EventType::Deleted => "user.deleted",
+            EventType::Resync => "user.resync",
         }
     }
 
@@ -82,8 +90,14 @@ impl EventType {
             "user.created" => Some(EventType::Created),
             "user.updated" => Some(EventType::Updated),
             "user.deleted" => Some(EventType::Deleted),
+            "user.resync" => Some(EventType::Resync),
             _ => None,
         }
+    }
+
+    /// Whether the event reports a change (not a resync request).
+    pub fn is_change(self) -> bool {
+        self != EventType::Resync
     }
 }
 

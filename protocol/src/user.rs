@@ -151,10 +151,11 @@ impl FieldMapping {
         }
     }
 
-    /// Checks the side-specific MUST fields of `data` beyond the key: Better Auth writes carry
-    /// a string email.
+    /// Checks the side-specific MUST fields of `data` beyond the key: Better Auth's created and
+    /// updated events carry a string email (a deletion or a resync request needs only the key).
     pub fn validate_data(&self, envelope: &Envelope) -> Result<(), BadEvent> {
-        if envelope.origin != Origin::BetterAuth || envelope.event_type == EventType::Deleted {
+        let carries_user = matches!(envelope.event_type, EventType::Created | EventType::Updated);
+        if envelope.origin != Origin::BetterAuth || !carries_user {
             return Ok(());
         }
         let field = self.side_name(EMAIL);

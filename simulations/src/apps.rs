@@ -268,6 +268,59 @@ impl SimApp {
         (ts, id)
     }
 
+    /// Drift: the user's row is lost behind the engine's back (a hand-made DELETE, a restore
+    /// from a backup older than the user), with no event. Whether there was a row to lose.
+    pub fn lose(&self, user: &str) -> bool {
+        let Ok(mut state) = self.state.lock() else {
+            return false;
+        };
+        let lost = state.users.get(user).is_some_and(|u| !u.deleted);
+        if lost {
+            state.users.remove(user);
+            self.trace
+                .record(self.clock.virt_ms(), self.side.as_str(), "drift_lose", user);
+        }
+        lost
+    }
+
+    /// Drift: a deleted user's row comes back behind the engine's back (a restore from a backup
+    /// older than the deletion), with no event. Whether there was a deleted row to restore.
+    pub fn restore(&self, user: &str) -> bool {
+        let Ok(mut state) = self.state.lock() else {
+            return false;
+        };
+        let Some(entry) = state.users.get_mut(user).filter(|u| u.deleted) else {
+            return false;
+        };
+        entry.deleted = false;
+        self.trace.record(
+            self.clock.virt_ms(),
+            self.side.as_str(),
+            "drift_restore",
+            user,
+        );
+        true
+    }
+
+    /// Publishes a resync request from this side (as `reconcile --fix` does): the engine is to
+    /// send the user to the other side whatever it believes that side holds.
+    pub fn request_resync(&self, user: &str) -> String {
+        let ts = crate::clock_now(&self.clock);
+        let Ok(mut state) = self.state.lock() else {
+            return String::new();
+        };
+        let mut data = Map::new();
+        data.insert(self.id_field().into(), Value::String(user.into()));
+        let id = self.publish_event(&mut state, EventType::Resync, user, ts, data, 0);
+        self.trace.record(
+            self.clock.virt_ms(),
+            self.side.as_str(),
+            "resync_request",
+            format_args!("{user} {id}"),
+        );
+        id
+    }
+
     /// The user in canonical names, `None` when deleted or never seen.
     pub fn canonical(&self, user: &str) -> Option<BTreeMap<String, Value>> {
         let state = self.state.lock().ok()?;
@@ -381,6 +434,13 @@ impl SimApp {
         entry.last_delivery_ts = entry.last_delivery_ts.max(envelope.timestamp);
         let echo_type;
         match envelope.event_type {
+            EventType::Resync => {
+                self.violations.add(format!(
+                    "{}: a resync request was delivered as such for {user} ({webhook_id})",
+                    self.side
+                ));
+                return 400;
+            }
             EventType::Deleted => {
                 entry.deleted = true;
                 echo_type = EventType::Deleted;

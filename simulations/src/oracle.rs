@@ -52,6 +52,11 @@ impl Oracle {
         }
     }
 
+    /// A resync request: no change, but it may cause a delivery.
+    pub fn resync_requested(&mut self) {
+        self.changes += 1;
+    }
+
     pub fn delete(&mut self, user: &str) {
         self.changes += 1;
         self.users.entry(user.to_string()).or_default().deleted = true;

@@ -54,10 +54,12 @@ pub enum Variant {
     NoResync,
     /// (h) a store error fails the user's actor, handing its messages back
     FailOnStoreError,
+    /// (i) resync requests send nothing: a side that drifted stays drifted
+    IgnoreResyncRequests,
 }
 
 impl Variant {
-    pub const BROKEN: [Variant; 8] = [
+    pub const BROKEN: [Variant; 9] = [
         Variant::MarkBeforeDelivery,
         Variant::AckBeforeDurable,
         Variant::Unordered,
@@ -66,6 +68,7 @@ impl Variant {
         Variant::EchoLastOnly,
         Variant::NoResync,
         Variant::FailOnStoreError,
+        Variant::IgnoreResyncRequests,
     ];
 
     pub fn parse(name: &str) -> Option<Variant> {
@@ -79,6 +82,7 @@ impl Variant {
             "echo-last-only" => Variant::EchoLastOnly,
             "no-resync" => Variant::NoResync,
             "fail-on-store-error" => Variant::FailOnStoreError,
+            "ignore-resync-requests" => Variant::IgnoreResyncRequests,
             _ => return None,
         })
     }
@@ -94,6 +98,7 @@ impl Variant {
             Variant::EchoLastOnly => "echo-last-only",
             Variant::NoResync => "no-resync",
             Variant::FailOnStoreError => "fail-on-store-error",
+            Variant::IgnoreResyncRequests => "ignore-resync-requests",
         }
     }
 
@@ -110,6 +115,7 @@ impl Variant {
             Variant::EchoLastOnly => sync.echo_last_only = true,
             Variant::NoResync => sync.no_resync = true,
             Variant::FailOnStoreError => engine.fail_on_store_error = true,
+            Variant::IgnoreResyncRequests => sync.ignore_resync_requests = true,
         }
         (engine, sync)
     }
@@ -560,10 +566,13 @@ async fn run_world(options: &SimOptions) -> SimReport {
         (payload.clone(), better_auth.clone()),
         nats.clone(),
         oracle.clone(),
-        PoisonPlanter {
-            store: store.clone(),
-            rng: SimRng::stream(root, "poison"),
-        },
+        (
+            PoisonPlanter {
+                store: store.clone(),
+                rng: SimRng::stream(root, "poison"),
+            },
+            Drifter::new(root, options.profile),
+        ),
     ));
     let mut crash_rng = SimRng::stream(root, "crashes");
     let mut crash_at: Vec<u64> = (0..swarm.crashes)
@@ -784,7 +793,8 @@ fn nats_len(nats: &FakeNats) -> u64 {
 }
 
 /// The workload: local edits on both sides (also concurrent, on the same and on different
-/// fields), deletions, republished duplicates and bad messages.
+/// fields), deletions, republished duplicates, bad messages and, at the edges, poisoned users
+/// and drift.
 async fn workload(
     actions: u64,
     swarm: Swarm,
@@ -792,7 +802,7 @@ async fn workload(
     (payload, better_auth): (Arc<SimApp>, Arc<SimApp>),
     nats: Arc<FakeNats>,
     oracle: Arc<Mutex<Oracle>>,
-    mut planter: PoisonPlanter,
+    (mut planter, mut drifter): (PoisonPlanter, Drifter),
 ) {
     let mut created = std::collections::BTreeSet::new();
     let mut pool: Vec<u64> = Vec::new();
@@ -885,7 +895,9 @@ async fn workload(
         } else {
             ba_edit(&mut rng, &user, step, &oracle);
         }
+        drifter.maybe(&user, (&payload, &better_auth), &oracle);
     }
+    drifter.at_end((&payload, &better_auth), &oracle);
 }
 
 /// The fields of one local edit, each with a value never used before.
@@ -914,6 +926,86 @@ fn fields_for(rng: &mut SimRng, step: u64, create: bool) -> Vec<(String, Value)>
 
 /// Turns some bad messages into good events of a user whose stored state is bad, drawing from a
 /// stream of its own so that the rest of a seed's workload stays what it was.
+/// Drift at the edge (`reconcile`'s business): now and then a Payload row is lost, or a
+/// deleted one restored, behind the engine's back, and a resync request from Better Auth
+/// follows, as `reconcile --fix` publishes it. Drawn from a stream of its own, and in half of
+/// the seeds only, so that the other seeds run exactly as before it existed.
+struct Drifter {
+    rng: SimRng,
+    rate: f64,
+}
+
+impl Drifter {
+    fn new(root: u64, profile: Profile) -> Drifter {
+        let mut rng = SimRng::stream(root, "drift");
+        let rate = if profile != Profile::Calm && rng.chance(0.5) {
+            rng.rate(0.04)
+        } else {
+            0.0
+        };
+        Drifter { rng, rate }
+    }
+
+    fn maybe(
+        &mut self,
+        user: &str,
+        (payload, better_auth): (&SimApp, &SimApp),
+        oracle: &Mutex<Oracle>,
+    ) {
+        if self.rate == 0.0 || !self.rng.chance(self.rate) {
+            return;
+        }
+        let drifted = if self.rng.chance(0.5) {
+            payload.lose(user).then(|| user.to_string())
+        } else {
+            let deleted: Vec<String> = oracle
+                .lock()
+                .map(|o| {
+                    o.users
+                        .iter()
+                        .filter(|(_, u)| u.deleted)
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let pick = self.rng.below(deleted.len().max(1) as u64) as usize;
+            deleted.get(pick).filter(|id| payload.restore(id)).cloned()
+        };
+        if let Some(user) = drifted {
+            Drifter::request(&user, better_auth, oracle);
+        }
+    }
+
+    /// After the workload: one live user's Payload row lost, with no later event to carry its
+    /// user there again; only its resync request can.
+    fn at_end(&mut self, (payload, better_auth): (&SimApp, &SimApp), oracle: &Mutex<Oracle>) {
+        if self.rate == 0.0 {
+            return;
+        }
+        let live: Vec<String> = oracle
+            .lock()
+            .map(|o| {
+                o.users
+                    .iter()
+                    .filter(|(_, u)| !u.deleted)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pick = self.rng.below(live.len().max(1) as u64) as usize;
+        if let Some(user) = live.get(pick).filter(|id| payload.lose(id)) {
+            Drifter::request(user, better_auth, oracle);
+        }
+    }
+
+    fn request(user: &str, better_auth: &SimApp, oracle: &Mutex<Oracle>) {
+        better_auth.request_resync(user);
+        if let Ok(mut o) = oracle.lock() {
+            o.resync_requested();
+        }
+    }
+}
+
 struct PoisonPlanter {
     store: Arc<MemStore>,
     rng: SimRng,

@@ -88,7 +88,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (any::<bool>(), 0u8..6, 0u8..4)
+        4 => (any::<bool>(), 0u8..7, 0u8..4)
             .prop_map(|(payload, kind, name)| Op::Event { payload, kind, name }),
         4 => (0u8..6).prop_map(Op::Save),
         4 => (any::<bool>(), 0u8..8).prop_map(|(payload, outcome)| Op::Answer { payload, outcome }),
@@ -192,6 +192,7 @@ impl Driver {
         let event_type = match kind {
             0 => EventType::Created,
             5 => EventType::Deleted,
+            6 => EventType::Resync,
             _ => EventType::Updated,
         };
         let fields = match json!({"id": "u", "email": "u@x", "name": format!("n{name}")}) {

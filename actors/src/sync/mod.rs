@@ -259,6 +259,9 @@ pub enum Verdict {
     Echo,
     /// This event id was applied before.
     Duplicate,
+    /// A resync request: the canonical user is sent to the side it names, whatever that side
+    /// is believed to hold; nothing is merged.
+    Resync,
 }
 
 /// One delivery the state machine asks for.
@@ -298,6 +301,8 @@ pub struct Faults {
     pub echo_last_only: bool,
     /// Never send the canonical user back to an event's origin.
     pub no_resync: bool,
+    /// Take resync requests in, but send nothing for them.
+    pub ignore_resync_requests: bool,
 }
 
 /// The rules' parameters.
@@ -381,6 +386,9 @@ impl SyncState {
         expected: &dyn Fn(Origin) -> Option<Known>,
         queued: &dyn Fn(&str) -> bool,
     ) -> Decision {
+        if event.event_type == EventType::Resync {
+            return self.on_resync(event, policy, queued);
+        }
         // An event older than one its side already reported may have been handled before and
         // forgotten (a republish after the dedup memory was lost): its ids are not safe either.
         let stale = event.timestamp_ms < self.side(event.origin).reported_ts_ms;
@@ -393,27 +401,8 @@ impl SyncState {
             side.applied_sequence = side.applied_sequence.max(event.sequence);
         }
         if verdict == Verdict::Duplicate {
-            if queued(event.id) {
-                return Decision {
-                    verdict,
-                    sends: Vec::new(),
-                    replayed: false,
-                    late: false,
-                };
-            }
-            let stored: Vec<Send> = self
-                .outbox
-                .iter()
-                .filter(|e| e.event_id == event.id)
-                .map(|e| e.send.clone())
-                .collect();
-            if !stored.is_empty() {
-                return Decision {
-                    verdict,
-                    sends: stored,
-                    replayed: true,
-                    late: false,
-                };
+            if let Some(decision) = self.pending_for(event.id, queued) {
+                return decision;
             }
         }
         // A duplicate that still finds a side behind (a replayed dead letter, a redelivery
@@ -463,14 +452,92 @@ impl SyncState {
         }
     }
 
-    fn classify_and_apply(&mut self, event: EventView<'_>, policy: &Policy) -> Verdict {
-        if self.record.has_seen(event.id) || self.unsettled.iter().any(|id| &**id == event.id) {
-            return Verdict::Duplicate;
+    /// For a duplicate: nothing when its deliveries wait in memory already, or those of the
+    /// stored outbox (the engine crashed before they settled), marked replayed.
+    fn pending_for(&self, event_id: &str, queued: &dyn Fn(&str) -> bool) -> Option<Decision> {
+        let decision = |sends: Vec<Send>, replayed| Decision {
+            verdict: Verdict::Duplicate,
+            sends,
+            replayed,
+            late: false,
+        };
+        if queued(event_id) {
+            return Some(decision(Vec::new(), false));
+        }
+        let stored: Vec<Send> = self
+            .outbox
+            .iter()
+            .filter(|e| e.event_id == event_id)
+            .map(|e| e.send.clone())
+            .collect();
+        (!stored.is_empty()).then(|| decision(stored, true))
+    }
+
+    /// A resync request from `event.origin`: the other side gets the canonical user, whatever
+    /// it is believed to hold, and is no longer believed to hold anything else. A request seen
+    /// before sends nothing new (its stored delivery, if it never settled); one for a user the
+    /// engine never heard of sends nothing.
+    ///
+    /// The delivery goes under `<request id>:resync-<n>`, not the request's bare id: a request
+    /// republished after its id was forgotten (by the dedup store and the recent ids alike)
+    /// would otherwise send other content under an id a receiver already applied.
+    fn on_resync(
+        &mut self,
+        event: EventView<'_>,
+        policy: &Policy,
+        queued: &dyn Fn(&str) -> bool,
+    ) -> Decision {
+        let mut decision = Decision {
+            verdict: Verdict::Duplicate,
+            sends: Vec::new(),
+            replayed: false,
+            late: false,
+        };
+        if self.first_sight(event.id) {
+            decision.verdict = Verdict::Resync;
+        } else {
+            return self.pending_for(event.id, queued).unwrap_or(decision);
+        }
+        self.record.remember(event.id);
+        let known = self.record.is_deleted() || !self.record.fields.is_empty();
+        if !known || policy.faults.ignore_resync_requests {
+            return decision;
+        }
+        let target = self.target_state();
+        let timestamp_ms = self.record.latest_ts().max(self.sent_ts_ms);
+        let side = event.origin.other();
+        self.side_mut(side).known = Known::Unknown;
+        self.sent_ts_ms = timestamp_ms;
+        self.resends += 1;
+        decision.sends.push(Send {
+            side,
+            webhook_id: format!("{}{RESYNC_SUFFIX}-{}", event.id, self.resends),
+            event_type: match target {
+                Known::Deleted => EventType::Deleted,
+                _ => EventType::Updated,
+            },
+            state: target,
+            timestamp_ms,
+        });
+        decision
+    }
+
+    /// Whether `event_id` is new to this user; if so it is remembered as unsettled.
+    fn first_sight(&mut self, event_id: &str) -> bool {
+        if self.record.has_seen(event_id) || self.unsettled.iter().any(|id| &**id == event_id) {
+            return false;
         }
         if self.unsettled.len() >= UNSETTLED_MAX {
             self.unsettled.pop_front();
         }
-        self.unsettled.push_back(event.id.into());
+        self.unsettled.push_back(event_id.into());
+        true
+    }
+
+    fn classify_and_apply(&mut self, event: EventView<'_>, policy: &Policy) -> Verdict {
+        if !self.first_sight(event.id) {
+            return Verdict::Duplicate;
+        }
         if event.event_type != EventType::Deleted
             && !self.record.is_deleted()
             && !policy.faults.no_echo_suppression

@@ -60,7 +60,10 @@ impl World {
     fn deliver_all(&mut self, decision: &Decision) {
         for send in &decision.sends {
             self.now_ms += 10;
-            let event_id = send.webhook_id.trim_end_matches(":resync").to_string();
+            let event_id = match send.webhook_id.split_once(":resync") {
+                Some((event_id, _)) => event_id.to_string(),
+                None => send.webhook_id.clone(),
+            };
             self.state
                 .on_delivered(send.side, &send.state, &[event_id], self.now_ms);
         }
@@ -561,4 +564,130 @@ fn a_dead_lettered_delivery_is_no_echo_due() {
         "Better Auth is sent the canonical user again: {:?}",
         ids(&again)
     );
+}
+
+#[test]
+fn a_resync_request_sends_the_canonical_user_to_a_side_believed_in_step() {
+    let mut w = World::new();
+    let user = json!({"id":"u","email":"a@x","name":"A"});
+    let d = w.event("e1", BA, EventType::Created, 1_000, user);
+    w.deliver_all(&d);
+    // Payload is known to hold A: an ordinary repeat of Better Auth's state sends nothing.
+    let again = w.event(
+        "e2",
+        BA,
+        EventType::Updated,
+        2_000,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    assert!(again.sends.is_empty());
+    let d = w.event("r1", BA, EventType::Resync, 3_000, json!({"id":"u"}));
+    assert_eq!(d.verdict, Verdict::Resync);
+    assert_eq!(
+        ids(&d),
+        vec![(PL, "r1:resync-1".to_string())],
+        "under a fresh id"
+    );
+    assert_eq!(d.sends[0].event_type, EventType::Updated);
+    assert_eq!(d.sends[0].state, w.state.target_state());
+    assert_eq!(w.name(), json!("A"), "nothing merged");
+    assert_eq!(
+        w.state.payload.known,
+        Known::Unknown,
+        "until it is delivered"
+    );
+    w.deliver_all(&d);
+    let twice = w.event("r1", BA, EventType::Resync, 3_000, json!({"id":"u"}));
+    assert_eq!(twice.verdict, Verdict::Duplicate);
+    assert!(
+        twice.sends.is_empty(),
+        "a request seen before sends nothing new"
+    );
+}
+
+#[test]
+fn a_resync_request_whose_id_was_forgotten_never_reuses_a_webhook_id() {
+    let mut w = World::new();
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1_000,
+        json!({"id":"u","email":"a@x","name":"A"}),
+    );
+    w.deliver_all(&d);
+    let first = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    w.deliver_all(&first);
+    let d = w.event(
+        "e2",
+        BA,
+        EventType::Updated,
+        3_000,
+        json!({"id":"u","email":"a@x","name":"B"}),
+    );
+    w.deliver_all(&d);
+    // The request is republished after every memory of its id is gone.
+    w.state.record.recent_ids.clear();
+    w.state.unsettled.clear();
+    let again = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    assert_eq!(again.verdict, Verdict::Resync);
+    assert_ne!(
+        again.sends[0].state, first.sends[0].state,
+        "other content now"
+    );
+    assert_ne!(again.sends[0].webhook_id, first.sends[0].webhook_id);
+}
+
+#[test]
+fn a_resync_request_from_payload_goes_to_better_auth_and_a_deleted_user_goes_as_deleted() {
+    let mut w = World::new();
+    let d = w.event(
+        "e1",
+        PL,
+        EventType::Created,
+        1_000,
+        json!({"id":"u","email":"a@x"}),
+    );
+    w.deliver_all(&d);
+    let d = w.event("e2", PL, EventType::Deleted, 2_000, json!({"id":"u"}));
+    w.deliver_all(&d);
+    let d = w.event("r1", PL, EventType::Resync, 3_000, json!({"id":"u"}));
+    assert_eq!(ids(&d), vec![(BA, "r1:resync-1".to_string())]);
+    assert_eq!(d.sends[0].event_type, EventType::Deleted);
+    assert_eq!(d.sends[0].state, Known::Deleted);
+}
+
+#[test]
+fn a_resync_request_for_an_unknown_user_sends_nothing() {
+    let mut w = World::new();
+    let d = w.event("r1", BA, EventType::Resync, 3_000, json!({"id":"u"}));
+    assert_eq!(d.verdict, Verdict::Resync);
+    assert!(d.sends.is_empty());
+    // The user's first event after it is an ordinary creation.
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        4_000,
+        json!({"id":"u","email":"a@x"}),
+    );
+    assert_eq!(ids(&d), vec![(PL, "e1".to_string())]);
+}
+
+#[test]
+fn a_resync_request_whose_delivery_never_settled_is_replayed_after_a_crash() {
+    let mut w = World::new();
+    let d = w.event(
+        "e1",
+        BA,
+        EventType::Created,
+        1_000,
+        json!({"id":"u","email":"a@x"}),
+    );
+    w.deliver_all(&d);
+    let first = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    // The engine dies before the delivery settles; the request comes back.
+    let again = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    assert!(again.replayed);
+    assert_eq!(again.sends, first.sends);
 }

@@ -396,12 +396,7 @@ pub fn user_event(
         id: backfill_event_id(&user.id),
         origin: Origin::BetterAuth,
         event_type,
-        // The commit time of the state reported: a newer edit made in Payload still wins.
-        timestamp: user
-            .updated_at_ms
-            .or(user.created_at_ms)
-            .filter(|ms| *ms >= 0)
-            .unwrap_or_else(now_ms),
+        timestamp: committed_at(user),
         data,
     };
     // Checked the way the engine will, so a backfilled user never becomes a dead letter.
@@ -409,6 +404,15 @@ pub fn user_event(
         .map_err(|bad| format!("the event would be rejected: {bad}"))?;
     let subject = super::publish::subject_for(config, Origin::BetterAuth, event_type, &user.id);
     Ok((subject, envelope))
+}
+
+/// When the row's state committed (its `updatedAt`, else `createdAt`, else now), the time an
+/// event reporting it carries: a newer edit made elsewhere, even during the run, still wins.
+pub fn committed_at(user: &BetterAuthUser) -> i64 {
+    user.updated_at_ms
+        .or(user.created_at_ms)
+        .filter(|ms| *ms >= 0)
+        .unwrap_or_else(now_ms)
 }
 
 /// `data` of a Better Auth event for `user`: id, email, name, emailVerified, image, createdAt

@@ -7,7 +7,10 @@
 //! Better Auth's `id`. Better Auth is the identity provider, so it is the reference: a user
 //! missing from Payload is created, a differing one updated with Better Auth's values, and a
 //! Payload user whose Better Auth user no longer exists is deleted. The fixes are ordinary
-//! Better Auth events stamped now, so the engine's last-writer-wins merge lets them win.
+//! Better Auth events stamped with the row's own `updatedAt` (an edit made elsewhere during the
+//! run still wins the merge), each followed by a resync request (PROTOCOL.md §1): whatever the
+//! engine believed Payload held, Payload is sent the engine's user, so a row edited, deleted or
+//! restored behind the engine's back is repaired too.
 //!
 //! Exit codes: 0 in sync, 1 differences found (also with `--fix`: the fixes take effect when
 //! the engine delivers them), 2 on error.
@@ -27,7 +30,7 @@ use crate::adapters::user_tables::{
 use crate::cli::ReconcileArgs;
 use crate::config::Config;
 
-use super::backfill::{better_auth_columns, user_data};
+use super::backfill::{better_auth_columns, committed_at, user_data};
 use super::{config_path, runtime};
 
 /// Exit code when the tables differ.
@@ -89,7 +92,7 @@ pub(super) struct Duplicate {
     payload_ids: Vec<String>,
 }
 
-/// An event published by `--fix`.
+/// A repair published by `--fix`: a change, and the resync request after it.
 #[derive(Debug, Serialize)]
 pub(super) struct Fix {
     #[serde(rename = "type")]
@@ -97,6 +100,8 @@ pub(super) struct Fix {
     user: String,
     event_id: String,
     subject: String,
+    /// The resync request's event id (the `webhook-id` of the delivery it causes).
+    resync_id: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -302,11 +307,18 @@ fn compare(ba_users: &BTreeMap<String, BetterAuthUser>, payload_users: &[Payload
     report
 }
 
-/// An event's `data`, or why there can be none.
-type EventData = Result<Map<String, Value>, String>;
+/// One repair `--fix` means to publish: a change of `user`, with its data and time, or why
+/// there can be none.
+struct Planned {
+    event_type: EventType,
+    user: String,
+    change: Result<(Map<String, Value>, i64), String>,
+}
 
-/// Publishes `user.created` for the missing, `user.updated` for the differing and
-/// `user.deleted` for the extra users, as Better Auth events stamped now.
+/// Publishes, as Better Auth events, `user.created` for the missing, `user.updated` for the
+/// differing and `user.deleted` for the extra users, each followed by a resync request: the
+/// change repairs what the engine does not know yet (an edit made in Better Auth by hand), the
+/// request what it knows but Payload lost (a row edited, deleted or restored behind its back).
 async fn fix(
     config: &Config,
     tables: &Tables,
@@ -317,21 +329,18 @@ async fn fix(
     let js = async_nats::jetstream::new(client);
     crate::adapters::nats::ensure_streams(&js, &config.nats).await?;
 
-    let mut planned: Vec<(EventType, String, EventData)> = Vec::new();
-    for missing in &report.missing {
-        planned.push((
-            EventType::Created,
-            missing.id.clone(),
-            full_user(config, ba_users, &missing.id),
-        ));
-    }
-    for differing in &report.differing {
-        planned.push((
-            EventType::Updated,
-            differing.id.clone(),
-            full_user(config, ba_users, &differing.id),
-        ));
-    }
+    let changes = report
+        .missing
+        .iter()
+        .map(|m| (EventType::Created, &m.id))
+        .chain(report.differing.iter().map(|d| (EventType::Updated, &d.id)));
+    let mut planned: Vec<Planned> = changes
+        .map(|(event_type, id)| Planned {
+            event_type,
+            user: id.clone(),
+            change: full_user(config, ba_users, id),
+        })
+        .collect();
     // A user created in Better Auth after its table was read, and delivered to Payload before
     // Payload's was, looks extra. A deletion is final, so Better Auth is read a second time,
     // after Payload, and only a user missing from both reads is deleted.
@@ -346,51 +355,90 @@ async fn fix(
             "user.deleted of user {id:?}: not published, the user is in Better Auth now (created while reconcile read the tables)"
         ));
     }
-    for id in to_delete {
-        let mut data = Map::new();
-        data.insert(better_auth_columns(config).id, Value::String(id.clone()));
-        planned.push((EventType::Deleted, id, Ok(data)));
-    }
-
-    let mappings = config.mappings();
-    for (event_type, user, data) in planned {
-        let data = match data {
-            Ok(data) => data,
-            Err(reason) => {
-                report.not_fixed.push(format!(
-                    "{} of user {user:?}: {reason}",
-                    event_type.as_str()
-                ));
-                continue;
+    planned.extend(to_delete.into_iter().map(|id| Planned {
+        event_type: EventType::Deleted,
+        change: Ok((key_only(config, &id), now_ms())),
+        user: id,
+    }));
+    for repair in planned {
+        match repair.change {
+            Ok((data, timestamp)) => {
+                let fix = publish_repair(
+                    config,
+                    &js,
+                    repair.event_type,
+                    &repair.user,
+                    data,
+                    timestamp,
+                )
+                .await?;
+                match fix {
+                    Ok(fix) => report.fixes.push(fix),
+                    Err(reason) => report.not_fixed.push(reason),
+                }
             }
-        };
-        let envelope = Envelope {
-            // Fresh: an earlier fix of the same user may be remembered as done by the engine.
-            id: format!("reconcile-{}", uuid::Uuid::new_v4()),
-            origin: Origin::BetterAuth,
-            event_type,
-            // Now, so that Better Auth's state wins the engine's last-writer-wins merge.
-            timestamp: now_ms(),
-            data,
-        };
-        if let Err(bad) = protocol::user::Event::parse(&envelope.to_bytes(), usize::MAX, &mappings)
-        {
-            report.not_fixed.push(format!(
-                "{} of user {user:?}: the event would be rejected: {bad}",
-                event_type.as_str()
-            ));
-            continue;
+            Err(reason) => report.not_fixed.push(format!(
+                "{} of user {:?}: {reason}",
+                repair.event_type.as_str(),
+                repair.user
+            )),
         }
-        let subject = super::publish::subject_for(config, Origin::BetterAuth, event_type, &user);
-        super::publish::publish(&js, &subject, &envelope.id, envelope.to_bytes()).await?;
-        report.fixes.push(Fix {
-            event_type: event_type.as_str(),
-            user,
-            event_id: envelope.id,
-            subject,
-        });
     }
     Ok(())
+}
+
+/// Publishes one change and the resync request after it, on the user's subjects (so the
+/// engine handles them in that order). `Ok(Err(reason))` when the change would be rejected.
+async fn publish_repair(
+    config: &Config,
+    js: &async_nats::jetstream::Context,
+    event_type: EventType,
+    user: &str,
+    data: Map<String, Value>,
+    timestamp: i64,
+) -> anyhow::Result<Result<Fix, String>> {
+    let mappings = config.mappings();
+    let event = |event_type, data, timestamp| Envelope {
+        // Fresh: an earlier fix of the same user may be remembered as done by the engine.
+        id: format!("reconcile-{}", uuid::Uuid::new_v4()),
+        origin: Origin::BetterAuth,
+        event_type,
+        timestamp,
+        data,
+    };
+    let change = event(event_type, data, timestamp);
+    let resync = event(EventType::Resync, key_only(config, user), now_ms());
+    for envelope in [&change, &resync] {
+        if let Err(bad) = protocol::user::Event::parse(&envelope.to_bytes(), usize::MAX, &mappings)
+        {
+            return Ok(Err(format!(
+                "{} of user {user:?}: the event would be rejected: {bad}",
+                envelope.event_type.as_str()
+            )));
+        }
+    }
+    let subject = super::publish::subject_for(config, Origin::BetterAuth, event_type, user);
+    super::publish::publish(js, &subject, &change.id, change.to_bytes()).await?;
+    let resync_subject =
+        super::publish::subject_for(config, Origin::BetterAuth, EventType::Resync, user);
+    super::publish::publish(js, &resync_subject, &resync.id, resync.to_bytes()).await?;
+    Ok(Ok(Fix {
+        event_type: event_type.as_str(),
+        user: user.to_string(),
+        event_id: change.id,
+        subject,
+        resync_id: resync.id,
+    }))
+}
+
+/// The `data` of an event that names the user and nothing else.
+fn key_only(config: &Config, id: &str) -> Map<String, Value> {
+    let mut data = Map::new();
+    data.insert(
+        better_auth_columns(config).id,
+        Value::String(id.to_string()),
+    );
+    data
 }
 
 /// The Better Auth ids to delete (once each, however many Payload users carry one), and those
@@ -412,11 +460,16 @@ fn deletions(extra: &[Extra], second_look: &HashSet<String>) -> (Vec<String>, Ve
     (delete, appeared)
 }
 
-fn full_user(config: &Config, ba_users: &BTreeMap<String, BetterAuthUser>, id: &str) -> EventData {
+/// The user's data as Better Auth holds it, and when that state committed.
+fn full_user(
+    config: &Config,
+    ba_users: &BTreeMap<String, BetterAuthUser>,
+    id: &str,
+) -> Result<(Map<String, Value>, i64), String> {
     let user = ba_users
         .get(id)
         .ok_or_else(|| "no longer in Better Auth".to_string())?;
-    user_data(config, user)
+    Ok((user_data(config, user)?, committed_at(user)))
 }
 
 fn print_report(report: &Report) {
@@ -493,8 +546,8 @@ fn print_report(report: &Report) {
     }
     for fix in &report.fixes {
         println!(
-            "published {} for user {} as {} on {}",
-            fix.event_type, fix.user, fix.event_id, fix.subject
+            "published {} for user {} as {} on {}, then the resync request {}",
+            fix.event_type, fix.user, fix.event_id, fix.subject, fix.resync_id
         );
     }
     for not_fixed in &report.not_fixed {

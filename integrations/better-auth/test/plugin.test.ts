@@ -56,7 +56,7 @@ describe("Better Auth plugin with a real JetStream stream", () => {
 
   test("a signed delivery is applied and not published again", async () => {
     const { user } = await live.app.signUp("grace@example.com", "Grace Hopper");
-    const start = await live.stream.waitFor(1).then(() => live.stream.count());
+    const start = await live.published();
     const published = live.app.plugin.stats.published;
 
     const update = signedDelivery(secret, {
@@ -109,7 +109,7 @@ describe("Better Auth plugin with a real JetStream stream", () => {
 
   test("a bad signature is refused with 401 and changes nothing", async () => {
     const { user } = await live.app.signUp("barbara@example.com", "Barbara Liskov");
-    const start = await live.stream.count();
+    const start = await live.published();
     const envelope = {
       id: "evt-bad-1",
       origin: "payload",

@@ -8,6 +8,7 @@ import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
+import Database from "libsql";
 import { connect, type NatsConnection } from "nats";
 import { betterAuthApp } from "../../test-support/better-auth-app.ts";
 import { payloadApp } from "../../test-support/payload-app.ts";
@@ -57,6 +58,9 @@ let nc: NatsConnection;
 let appsNats: Relay;
 let ba: Awaited<ReturnType<typeof betterAuthApp>>;
 let pl: Awaited<ReturnType<typeof payloadApp>>;
+/** The apps' own SQLite databases, opened beside them to plant drift the way SQL by hand does. */
+let baDb: Database.Database;
+let plDb: Database.Database;
 const baLogger = recordingLogger();
 const plLogger = recordingLogger();
 
@@ -81,6 +85,9 @@ before(async () => {
   pl = await payloadApp({ subjectPrefix: prefix, secret: payloadSecret, servers, logger: plLogger });
   const baUrl = await ba.listen();
   const plUrl = await pl.listen();
+  baDb = new Database(join(ba.dir, "auth.db"));
+  plDb = new Database(join(pl.dir, "payload.db"));
+  for (const db of [baDb, plDb]) db.exec("PRAGMA busy_timeout = 5000");
   httpPort = await freePort();
   // The shape of tests/src/env.rs.
   writeFileSync(
@@ -148,6 +155,8 @@ after(async () => {
     clearTimeout(timer);
     if (!engineExit) engine.kill("SIGKILL");
   }
+  baDb?.close();
+  plDb?.close();
   await ba?.close();
   await pl?.close();
   await appsNats?.close();
@@ -331,4 +340,75 @@ test("changes made while the apps cannot reach NATS all reach the other app once
       `both apps agree ${(performance.now() - restored).toFixed(0)} ms after the restore`,
   );
   assert.deepEqual([(await ba.plugin.outbox()).pending, (await pl.plugin.outbox()).pending], [0, 0]);
+});
+
+/** Runs `sync-engine reconcile` over both apps' SQLite databases; its exit code and JSON report. */
+async function reconcile(...extra: string[]): Promise<{ status: number | null; report: Record<string, any>; stderr: string }> {
+  const args = ["reconcile", "--config", configPath, "--better-auth", `sqlite://${ba.dir}/auth.db`, "--payload", `sqlite://${pl.dir}/payload.db`, "--json", ...extra];
+  const child = spawn(engineBinary(), args, { env: engineEnv() });
+  let stdout = "";
+  let stderr = "";
+  child.stdout.on("data", (chunk) => (stdout += chunk));
+  child.stderr.on("data", (chunk) => (stderr += chunk));
+  const status = await new Promise<number | null>((resolve) => child.on("close", resolve));
+  let report: Record<string, any>;
+  try {
+    report = JSON.parse(stdout);
+  } catch {
+    throw new Error(`reconcile printed no JSON report (exit ${status}):\n${stdout}\n${stderr}`);
+  }
+  return { status, report, stderr };
+}
+
+test("reconcile --fix repairs every kind of drift planted in the apps' databases", async (t) => {
+  const edited = await ba.signUp("edited@example.com", "Edited");
+  const lost = await ba.signUp("lost@example.com", "Lost");
+  const orphan = await ba.signUp("orphan@example.com", "Orphan");
+  const byHand = await ba.signUp("byhand@example.com", "By Hand");
+  const restored = await ba.signUp("restored@example.com", "Restored");
+  const everyone = (await sides()).ba;
+  await converge("the drift test's users to reach Payload", everyone, 60_000);
+  const restoredRow = plDb.prepare("SELECT * FROM users WHERE better_auth_user_id = ?").get(restored.user.id) as Record<string, unknown>;
+  await ba.auth.api.deleteUser({ body: { password: restored.password }, headers: restored.headers });
+  const row = (user: { id: string }) => everyone.find((r) => r[0] === user.id)!;
+  const withoutRestored = everyone.filter((r) => r[0] !== restored.user.id);
+  await converge("a deletion to reach Payload", withoutRestored);
+
+  // The drift, planted in SQL behind both apps and the engine:
+  // a Payload row edited, one deleted, and a deleted user's row restored;
+  plDb.prepare("UPDATE users SET full_name = 'Edited Behind' WHERE better_auth_user_id = ?").run(edited.user.id);
+  plDb.prepare("DELETE FROM users WHERE better_auth_user_id = ?").run(lost.user.id);
+  const columns = Object.keys(restoredRow);
+  plDb
+    .prepare(`INSERT INTO users (${columns.map((c) => `"${c}"`).join(", ")}) VALUES (${columns.map(() => "?").join(", ")})`)
+    .run(...columns.map((c) => restoredRow[c]));
+  // a Better Auth user renamed, and one deleted (its Payload row is left over).
+  const updatedAt = baDb.prepare('SELECT "updatedAt" FROM "user" WHERE id = ?').get(byHand.user.id) as { updatedAt: unknown };
+  const later = typeof updatedAt.updatedAt === "number" ? Date.now() : new Date().toISOString();
+  baDb.prepare('UPDATE "user" SET name = ?, "updatedAt" = ? WHERE id = ?').run("Renamed By Hand", later, byHand.user.id);
+  for (const table of ["session", "account"]) baDb.prepare(`DELETE FROM "${table}" WHERE "userId" = ?`).run(orphan.user.id);
+  baDb.prepare('DELETE FROM "user" WHERE id = ?').run(orphan.user.id);
+
+  const found = await reconcile();
+  assert.equal(found.status, 1, JSON.stringify(found.report));
+  const ids = (entries: Record<string, string>[], field: string) => entries.map((e) => e[field]).sort();
+  assert.deepEqual(ids(found.report.missing, "id"), [lost.user.id]);
+  assert.deepEqual(ids(found.report.differing, "id"), [byHand.user.id, edited.user.id].sort());
+  assert.deepEqual(ids(found.report.extra, "better_auth_user_id"), [orphan.user.id, restored.user.id].sort());
+
+  const fixed = await reconcile("--fix");
+  assert.equal(fixed.status, 1, fixed.stderr);
+  assert.equal(fixed.report.fixes.length, 5, JSON.stringify(fixed.report));
+  assert.deepEqual(fixed.report.not_fixed, []);
+  const started = performance.now();
+  const expected = withoutRestored
+    .filter((r) => r[0] !== orphan.user.id)
+    .map((r) => (r[0] === byHand.user.id ? [r[0], r[1], "Renamed By Hand"] : r));
+  await converge("every drift to be repaired", expected, 60_000);
+  t.diagnostic(`5 drifts repaired ${(performance.now() - started).toFixed(0)} ms after reconcile --fix`);
+  assert.deepEqual(row(edited.user), [edited.user.id, "edited@example.com", "Edited"]);
+
+  const again = await reconcile();
+  assert.equal(again.status, 0, JSON.stringify(again.report));
+  assert.equal(again.report.in_sync, true);
 });

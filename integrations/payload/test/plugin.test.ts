@@ -119,7 +119,7 @@ describe("Payload plugin with a real JetStream stream", () => {
 
   test("a bad signature is refused with 401 and changes nothing", async () => {
     await live.app.payload.create({ collection: "users", data: { email: "b@example.com", fullName: "Barbara", betterAuthUserId: "u_barbara" } });
-    const start = await live.stream.count();
+    const start = await live.published();
     const envelope = {
       id: "evt-bad-1",
       origin: "better-auth",
