@@ -65,8 +65,9 @@ pub enum EventType {
     #[serde(rename = "user.deleted")]
     Deleted,
     /// Not a change: asks the engine to send its canonical user to the other side than the
-    /// request's origin, whatever it believes that side holds (PROTOCOL.md §1.3). Never
-    /// delivered as such: the side gets a `user.updated`, or a `user.deleted`.
+    /// request's origin, whatever it believes that side holds (docs/PROTOCOL.md §1, *Resync
+    /// requests*). Never delivered as such: the side gets a `user.updated`, or a
+    /// `user.deleted`.
     #[serde(rename = "user.resync")]
     Resync,
 }
