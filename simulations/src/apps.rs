@@ -446,14 +446,17 @@ impl SimApp {
                 echo_type = EventType::Deleted;
             }
             _ if entry.deleted => {
-                // The row is gone here; an update finds nothing to change.
+                // The row is gone here; like the plugins' receivers (`createMissing`), an
+                // update creates the user again, with what the delivery carries.
+                entry.deleted = false;
+                entry.fields = envelope.data.clone();
                 self.trace.record(
                     self.clock.virt_ms(),
                     self.side.as_str(),
-                    "apply_to_deleted",
+                    "recreate",
                     &webhook_id,
                 );
-                return 200;
+                echo_type = EventType::Updated;
             }
             _ => {
                 for (name, value) in &envelope.data {

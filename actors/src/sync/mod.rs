@@ -578,6 +578,7 @@ impl SyncState {
                 .extend(event.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
             side.reported_ts_ms = event.timestamp_ms;
         }
+        let was_deleted = matches!(side.known, Known::Deleted);
         side.known = match (event.event_type, &side.known) {
             (EventType::Deleted, _) => Known::Deleted,
             (_, Known::Holds(held)) => {
@@ -587,9 +588,15 @@ impl SyncState {
             }
             (_, _) => Known::holds(event.fields.clone()),
         };
-        if event.event_type != EventType::Deleted && in_window {
-            // A delivery may have landed after this write and replaced it: what the side
-            // holds now is not what it reported.
+        // A delivery may have landed after this write and replaced it: what the side holds
+        // now is not what it reported. A deletion too, unless the side was already known to
+        // hold none: receivers create a user an update does not find, so a live state
+        // delivered after the side's deletion brings the user back.
+        let replaced = match event.event_type {
+            EventType::Deleted => !was_deleted,
+            _ => true,
+        };
+        if in_window && replaced {
             side.known = Known::Unknown;
         }
         Verdict::Merged(outcome)

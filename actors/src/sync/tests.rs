@@ -296,6 +296,33 @@ fn an_edit_overwritten_by_an_in_flight_delivery_is_resent_to_its_side() {
 }
 
 #[test]
+fn a_deletion_undone_by_an_in_flight_delivery_is_sent_again_to_its_side() {
+    let mut w = World::new();
+    let user = json!({"id":"u","email":"a@x","name":"A0"});
+    let d0 = w.event("e0", BA, EventType::Created, 1, user);
+    w.deliver_all(&d0);
+    let renamed = json!({"id":"u","email":"a@x","name":"A"});
+    let d1 = w.event("e1", BA, EventType::Updated, 1_000_100, renamed);
+    // The delivery of A lands at Payload after Payload deleted the user: the receiver creates
+    // the user again (it creates what an update does not find).
+    w.now_ms = 1_000_200;
+    w.deliver_all(&d1);
+    let d2 = w.event("e2", PL, EventType::Deleted, 1_000_150, json!({"id":"u"}));
+    let mut sent = ids(&d2);
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![(BA, "e2".to_string()), (PL, "e2:resync".to_string())]
+    );
+    assert!(d2.sends.iter().all(|s| s.state == Known::Deleted));
+    w.deliver_all(&d2);
+    // The echo of that deletion is not sent back again: no loop.
+    w.now_ms = 1_000_400;
+    let echo = w.event("p9", PL, EventType::Deleted, 1_000_300, json!({"id":"u"}));
+    assert!(echo.sends.is_empty());
+}
+
+#[test]
 fn deletion_is_final_and_sent_to_whoever_revives_the_user() {
     let mut w = World::new();
     let d0 = w.event(
@@ -566,22 +593,29 @@ fn a_dead_lettered_delivery_is_no_echo_due() {
     );
 }
 
+impl World {
+    /// User `u` created by `origin` (as A) and delivered to the other side.
+    fn known_user(origin: Origin) -> World {
+        let mut w = World::new();
+        let user = json!({"id":"u","email":"a@x","name":"A"});
+        let d = w.event("e1", origin, EventType::Created, 1_000, user);
+        w.deliver_all(&d);
+        w
+    }
+
+    fn resync(&mut self, id: &str, origin: Origin) -> Decision {
+        self.event(id, origin, EventType::Resync, 5_000, json!({"id":"u"}))
+    }
+}
+
 #[test]
 fn a_resync_request_sends_the_canonical_user_to_a_side_believed_in_step() {
-    let mut w = World::new();
-    let user = json!({"id":"u","email":"a@x","name":"A"});
-    let d = w.event("e1", BA, EventType::Created, 1_000, user);
-    w.deliver_all(&d);
+    let mut w = World::known_user(BA);
     // Payload is known to hold A: an ordinary repeat of Better Auth's state sends nothing.
-    let again = w.event(
-        "e2",
-        BA,
-        EventType::Updated,
-        2_000,
-        json!({"id":"u","email":"a@x","name":"A"}),
-    );
+    let same = json!({"id":"u","email":"a@x","name":"A"});
+    let again = w.event("e2", BA, EventType::Updated, 2_000, same);
     assert!(again.sends.is_empty());
-    let d = w.event("r1", BA, EventType::Resync, 3_000, json!({"id":"u"}));
+    let d = w.resync("r1", BA);
     assert_eq!(d.verdict, Verdict::Resync);
     assert_eq!(
         ids(&d),
@@ -597,7 +631,7 @@ fn a_resync_request_sends_the_canonical_user_to_a_side_believed_in_step() {
         "until it is delivered"
     );
     w.deliver_all(&d);
-    let twice = w.event("r1", BA, EventType::Resync, 3_000, json!({"id":"u"}));
+    let twice = w.resync("r1", BA);
     assert_eq!(twice.verdict, Verdict::Duplicate);
     assert!(
         twice.sends.is_empty(),
@@ -607,29 +641,16 @@ fn a_resync_request_sends_the_canonical_user_to_a_side_believed_in_step() {
 
 #[test]
 fn a_resync_request_whose_id_was_forgotten_never_reuses_a_webhook_id() {
-    let mut w = World::new();
-    let d = w.event(
-        "e1",
-        BA,
-        EventType::Created,
-        1_000,
-        json!({"id":"u","email":"a@x","name":"A"}),
-    );
-    w.deliver_all(&d);
-    let first = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    let mut w = World::known_user(BA);
+    let first = w.resync("r1", BA);
     w.deliver_all(&first);
-    let d = w.event(
-        "e2",
-        BA,
-        EventType::Updated,
-        3_000,
-        json!({"id":"u","email":"a@x","name":"B"}),
-    );
+    let renamed = json!({"id":"u","email":"a@x","name":"B"});
+    let d = w.event("e2", BA, EventType::Updated, 3_000, renamed);
     w.deliver_all(&d);
     // The request is republished after every memory of its id is gone.
     w.state.record.recent_ids.clear();
     w.state.unsettled.clear();
-    let again = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    let again = w.resync("r1", BA);
     assert_eq!(again.verdict, Verdict::Resync);
     assert_ne!(
         again.sends[0].state, first.sends[0].state,
@@ -640,18 +661,10 @@ fn a_resync_request_whose_id_was_forgotten_never_reuses_a_webhook_id() {
 
 #[test]
 fn a_resync_request_from_payload_goes_to_better_auth_and_a_deleted_user_goes_as_deleted() {
-    let mut w = World::new();
-    let d = w.event(
-        "e1",
-        PL,
-        EventType::Created,
-        1_000,
-        json!({"id":"u","email":"a@x"}),
-    );
-    w.deliver_all(&d);
+    let mut w = World::known_user(PL);
     let d = w.event("e2", PL, EventType::Deleted, 2_000, json!({"id":"u"}));
     w.deliver_all(&d);
-    let d = w.event("r1", PL, EventType::Resync, 3_000, json!({"id":"u"}));
+    let d = w.resync("r1", PL);
     assert_eq!(ids(&d), vec![(BA, "r1:resync-1".to_string())]);
     assert_eq!(d.sends[0].event_type, EventType::Deleted);
     assert_eq!(d.sends[0].state, Known::Deleted);
@@ -660,34 +673,21 @@ fn a_resync_request_from_payload_goes_to_better_auth_and_a_deleted_user_goes_as_
 #[test]
 fn a_resync_request_for_an_unknown_user_sends_nothing() {
     let mut w = World::new();
-    let d = w.event("r1", BA, EventType::Resync, 3_000, json!({"id":"u"}));
+    let d = w.resync("r1", BA);
     assert_eq!(d.verdict, Verdict::Resync);
     assert!(d.sends.is_empty());
     // The user's first event after it is an ordinary creation.
-    let d = w.event(
-        "e1",
-        BA,
-        EventType::Created,
-        4_000,
-        json!({"id":"u","email":"a@x"}),
-    );
+    let user = json!({"id":"u","email":"a@x"});
+    let d = w.event("e1", BA, EventType::Created, 6_000, user);
     assert_eq!(ids(&d), vec![(PL, "e1".to_string())]);
 }
 
 #[test]
 fn a_resync_request_whose_delivery_never_settled_is_replayed_after_a_crash() {
-    let mut w = World::new();
-    let d = w.event(
-        "e1",
-        BA,
-        EventType::Created,
-        1_000,
-        json!({"id":"u","email":"a@x"}),
-    );
-    w.deliver_all(&d);
-    let first = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    let mut w = World::known_user(BA);
+    let first = w.resync("r1", BA);
     // The engine dies before the delivery settles; the request comes back.
-    let again = w.event("r1", BA, EventType::Resync, 2_000, json!({"id":"u"}));
+    let again = w.resync("r1", BA);
     assert!(again.replayed);
     assert_eq!(again.sends, first.sends);
 }
