@@ -44,9 +44,7 @@ impl<M> Book<M> {
                 }),
             }
         }
-        if restored {
-            self.hold_restored_lines(now_ms);
-        }
+        self.hold_restored_lines(restored, now_ms);
     }
 
     /// Deliveries a user's stored outbox still owes may have been in flight from the engine
@@ -55,8 +53,10 @@ impl<M> Book<M> {
     /// head again is harmless (same `webhook-id`, same content), but a newer delivery must not
     /// overtake the dead run's request: so a restored line sends its head at once and what is
     /// behind it only once the target's timeout plus a second has passed since this run
-    /// started.
-    fn hold_restored_lines(&mut self, now_ms: i64) {
+    /// started. The hold's end is kept with the state: should the head be dead-lettered and
+    /// the user's actor stop, the dead run's request may still land, and a later load holds
+    /// the user's next delivery until then all the same.
+    fn hold_restored_lines(&mut self, restored: bool, now_ms: i64) {
         for side in Origin::ALL {
             let Some(target) = self.settings.target(side) else {
                 continue;
@@ -67,16 +67,35 @@ impl<M> Book<M> {
                 .started_at_ms
                 .saturating_add(timeout_ms)
                 .saturating_add(RESTORED_MARGIN_MS);
-            if now_ms >= until_ms {
-                continue;
-            }
-            let line = self.line(side);
-            if let Some(head) = line.queue.front() {
-                line.hold = Some(Hold {
-                    head: head.send.webhook_id.clone(),
-                    until_ms,
-                });
-            }
+            let kept_until_ms = self.sync.as_ref().map_or(0, |s| s.side(side).hold_until_ms);
+            let head = self
+                .line(side)
+                .queue
+                .front()
+                .map(|p| p.send.webhook_id.clone());
+            let hold = match head {
+                Some(head) if restored && now_ms < until_ms => {
+                    let until_ms = until_ms.max(kept_until_ms);
+                    if let Some(sync) = self.sync.as_mut() {
+                        sync.side_mut(side).hold_until_ms = until_ms;
+                    }
+                    // An earlier dead run's request may still land too: then even this
+                    // head, which may be the last run's, must not overtake it.
+                    let head = if now_ms < kept_until_ms {
+                        String::new()
+                    } else {
+                        head
+                    };
+                    Hold { head, until_ms }
+                }
+                // No head is exempt: the one the dead run may have sent is settled.
+                _ if now_ms < kept_until_ms => Hold {
+                    head: String::new(),
+                    until_ms: kept_until_ms,
+                },
+                _ => continue,
+            };
+            self.line(side).hold = Some(hold);
         }
     }
 

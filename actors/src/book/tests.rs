@@ -437,12 +437,7 @@ impl Driver {
                 self.stored = state;
             }
         }
-        self.book = Book::new(settings(self.now_ms, self.coalesce, self.faults));
-        self.durable = 0;
-        self.sends = [None, None];
-        self.timers.clear();
-        self.letters.clear();
-        self.marks.clear();
+        self.restart_actor(self.now_ms);
         let pending: BTreeSet<usize> = (0..self.events.len())
             .filter(|m| !self.settled.contains(m) && !self.rejected.contains(m))
             .collect();
@@ -452,6 +447,17 @@ impl Driver {
             5 => Some(crate::PortError::corrupt("store", "bad bytes")),
             _ => None,
         };
+    }
+
+    /// A new actor of the run that started at `started_ms`, with nothing in hand: after a
+    /// crash, or after the user's actor stopped idle (its state saved).
+    fn restart_actor(&mut self, started_ms: i64) {
+        self.book = Book::new(settings(started_ms, self.coalesce, self.faults));
+        self.durable = 0;
+        self.sends = [None, None];
+        self.timers.clear();
+        self.letters.clear();
+        self.marks.clear();
     }
 
     /// Everything answers and every timer fires until nothing is left to do.
@@ -593,4 +599,70 @@ fn a_restored_line_holds_back_behind_its_head() {
         .as_ref()
         .expect("sent once the hold is over");
     assert_eq!(next.webhook_id, "e1");
+}
+
+/// A restored head that is dead-lettered leaves the dead run's request of it possibly still on
+/// its way: the user's next delivery waits for it even when the user's actor stopped and its
+/// state was loaded again in between (the hold is kept with the state).
+#[test]
+fn a_hold_outlives_its_actor() {
+    let mut driver = Driver::new(false, EngineFaults::default());
+    driver.event(false, 1, 0);
+    driver.run(Op::Save(0));
+    assert!(
+        driver.sends[index(PL)].is_some(),
+        "e0 in flight when the run dies"
+    );
+    driver.run(Op::Crash(0));
+    let restarted_ms = driver.now_ms;
+    driver.run(Op::Mark(true));
+    let head = driver.sends[index(PL)].as_ref().expect("the restored head");
+    assert_eq!(head.webhook_id, "e0");
+    driver.answer(PL, 6);
+    driver.run(Op::Letter(true));
+    for _ in 0..4 {
+        driver.run(Op::Save(0));
+        driver.run(Op::Mark(true));
+    }
+    assert!(driver.book.is_idle(), "e0 dead-lettered and settled");
+    assert!(!driver.book.is_dirty());
+    // The actor stops idle; a new event loads the user again within the hold.
+    driver.restart_actor(restarted_ms);
+    driver.event(false, 1, 1);
+    driver.run(Op::Save(0));
+    assert!(
+        driver.sends[index(PL)].is_none(),
+        "e1 waits for the dead run's request of e0"
+    );
+    let (due, _) = driver.timers.first().expect("a timer for the hold");
+    assert_eq!(*due, restarted_ms + 1_000 + RESTORED_MARGIN_MS);
+}
+
+/// Two runs die in a row: the head restored by the third may be the second's request, but the
+/// first's may still be on its way as well, so even that head waits.
+#[test]
+fn a_hold_of_an_earlier_run_holds_the_next_runs_restored_head_too() {
+    let mut driver = Driver::new(false, EngineFaults::default());
+    driver.event(false, 1, 0);
+    driver.run(Op::Save(0));
+    driver.run(Op::Crash(0));
+    driver.run(Op::Mark(true));
+    driver.answer(PL, 6);
+    driver.run(Op::Letter(true));
+    driver.event(false, 1, 1);
+    for _ in 0..4 {
+        driver.run(Op::Save(0));
+        driver.run(Op::Mark(true));
+    }
+    assert!(
+        driver.sends[index(PL)].is_none(),
+        "e1 held in the second run"
+    );
+    driver.now_ms += 500;
+    driver.run(Op::Crash(1));
+    driver.run(Op::Mark(true));
+    assert!(
+        driver.sends[index(PL)].is_none(),
+        "e1, restored in the third run, waits for the first run's request of e0"
+    );
 }

@@ -156,6 +156,10 @@ pub struct SideState {
     /// below it, and is no duplicate, is applied late (see [`Decision::late`]).
     #[serde(default)]
     pub applied_sequence: u64,
+    /// Engine time until which deliveries to this side wait for a request of a dead engine
+    /// run that may still land (a restored line's hold, see `book`); 0 when none.
+    #[serde(default)]
+    pub hold_until_ms: i64,
 }
 
 /// One value a side held: (earliest time, hash of the value, whether it only ever came from
@@ -197,6 +201,7 @@ impl Default for SideState {
             reported_ts_ms: 0,
             held_values: Arc::default(),
             applied_sequence: 0,
+            hold_until_ms: 0,
         }
     }
 }
