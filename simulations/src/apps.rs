@@ -237,6 +237,12 @@ impl SimApp {
         } else {
             EventType::Updated
         };
+        if std::env::var("SIM_DEBUG_USER").ok().as_deref() == Some(user) {
+            eprintln!(
+                "DBG {} local edit ts={ts} delay={delay} {fields:?}",
+                self.side
+            );
+        }
         let id = self.publish_event(&mut state, ty, user, ts, snapshot, delay);
         self.trace.record(
             self.clock.virt_ms(),
