@@ -588,12 +588,7 @@ fn a_restored_line_holds_back_behind_its_head() {
     // The save in flight, then the one covering the acceptance.
     driver.run(Op::Save(0));
     driver.run(Op::Save(0));
-    assert!(
-        driver.sends[index(PL)].is_none(),
-        "the next waits for the hold"
-    );
-    let (due, _) = driver.timers.first().expect("a timer for the hold");
-    assert_eq!(*due, restarted_ms + 1_000 + RESTORED_MARGIN_MS);
+    assert_held(&driver, restarted_ms, "the next waits for the hold");
     driver.run(Op::Fire(0));
     let next = driver.sends[index(PL)]
         .as_ref()
@@ -630,12 +625,19 @@ fn a_hold_outlives_its_actor() {
     driver.restart_actor(restarted_ms);
     driver.event(false, 1, 1);
     driver.run(Op::Save(0));
-    assert!(
-        driver.sends[index(PL)].is_none(),
-        "e1 waits for the dead run's request of e0"
+    assert_held(
+        &driver,
+        restarted_ms,
+        "e1 waits for the dead run's request of e0",
     );
+}
+
+/// Nothing goes to Payload before the hold of the run started at `restarted_ms` is over (the
+/// target's timeout, 1 s, plus the margin).
+fn assert_held(driver: &Driver, restarted_ms: i64, why: &str) {
+    assert!(driver.sends[index(PL)].is_none(), "{why}");
     let (due, _) = driver.timers.first().expect("a timer for the hold");
-    assert_eq!(*due, restarted_ms + 1_000 + RESTORED_MARGIN_MS);
+    assert_eq!(*due, restarted_ms + 1_000 + RESTORED_MARGIN_MS, "{why}");
 }
 
 /// Two runs die in a row: the head restored by the third may be the second's request, but the
