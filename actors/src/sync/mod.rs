@@ -498,11 +498,10 @@ impl SyncState {
             replayed: false,
             late: false,
         };
-        if self.first_sight(event.id) {
-            decision.verdict = Verdict::Resync;
-        } else {
+        if !self.first_sight(event.id) {
             return self.pending_for(event.id, queued).unwrap_or(decision);
         }
+        decision.verdict = Verdict::Resync;
         self.record.remember(event.id);
         let known = self.record.is_deleted() || !self.record.fields.is_empty();
         if !known || policy.faults.ignore_resync_requests {
