@@ -73,10 +73,6 @@ pub enum EventType {
 }
 
 impl EventType {
-    /// The kinds of change, the only types ever delivered to an application.
-    pub const CHANGES: [EventType; 3] =
-        [EventType::Created, EventType::Updated, EventType::Deleted];
-
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Created => "user.created",
@@ -94,11 +90,6 @@ impl EventType {
             "user.resync" => Some(EventType::Resync),
             _ => None,
         }
-    }
-
-    /// Whether the event reports a change (not a resync request).
-    pub fn is_change(self) -> bool {
-        self != EventType::Resync
     }
 }
 
