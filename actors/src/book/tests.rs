@@ -511,7 +511,25 @@ fn check(ops: Vec<Op>, coalesce: bool) {
         );
     }
     if driver.rejected.is_empty() {
-        assert!(driver.stored.outbox.is_empty() || driver.book.is_dirty());
+        owes_only_what_was_accepted(&driver);
+    }
+}
+
+/// At rest, the store owes nothing a target has not accepted. A crash can lose the save that
+/// cleared an accepted delivery after its message settled; the next load sends it again under
+/// the same webhook-id (a duplicate, never a loss). A loaded, clean book owes nothing at all.
+fn owes_only_what_was_accepted(driver: &Driver) {
+    for entry in &driver.stored.outbox {
+        assert!(
+            driver
+                .accepted
+                .contains(&(entry.send.side, entry.event_id.clone())),
+            "at rest, the store owes {} which no target accepted",
+            entry.send.webhook_id
+        );
+    }
+    if !driver.book.needs_load() && !driver.book.is_dirty() {
+        assert!(driver.stored.outbox.is_empty(), "a clean book owes nothing");
     }
 }
 
@@ -667,4 +685,29 @@ fn a_hold_of_an_earlier_run_holds_the_next_runs_restored_head_too() {
         driver.sends[index(PL)].is_none(),
         "e1, restored in the third run, waits for the first run's request of e0"
     );
+}
+
+/// The save that clears an accepted delivery dies with the run after its message settled: the
+/// store still owes it, so the user's next load sends it again under the same webhook-id (the
+/// receiver's duplicate), ahead of the new event.
+#[test]
+fn a_delivery_whose_clearing_save_died_is_sent_again_under_its_id() {
+    let mut driver = Driver::new(false, EngineFaults::default());
+    driver.event(false, 0, 0);
+    driver.run(Op::Save(0));
+    driver.run(Op::Answer {
+        payload: true,
+        outcome: 0,
+    });
+    driver.run(Op::Mark(true));
+    driver.run(Op::Crash(0));
+    assert_eq!(driver.stored.outbox.len(), 1, "the clearing save died");
+    driver.event(false, 1, 1);
+    let again = driver.sends[index(PL)].as_ref().expect("the restored head");
+    assert_eq!(again.webhook_id, "e0");
+    driver.drain();
+    assert!(driver.accepted.contains(&(PL, "e1".to_string())));
+    owes_only_what_was_accepted(&driver);
+    let state = driver.book.sync().expect("loaded");
+    assert!(state.outbox.is_empty(), "nothing owed at rest");
 }
