@@ -4,8 +4,9 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use actors::ports::{DedupStore, EventSource, Ports};
+use actors::ports::{DedupStore, EventSource, HttpTransport, Ports};
 use actors::settings::{PipelineSettings, RetryPolicy, TargetSettings};
 use actors::stats::{Labelled, Stats};
 use actors::sync::{Faults, Policy};
@@ -16,9 +17,11 @@ use crate::adapters::clock::{OsEntropy, SystemClock};
 use crate::adapters::dedup_memory::MemoryDedup;
 use crate::adapters::dedup_redis::RedisDedup;
 use crate::adapters::http::ReqwestTransport;
+use crate::adapters::lease_pg::Fence;
 use crate::adapters::mirror_pg::PgMirror;
 use crate::adapters::nats::{self, NatsSource};
 use crate::adapters::store::SqlStore;
+use crate::cluster::{self, Layout, LeaseClock};
 use crate::config::{Config, DedupBackend, Secrets, TargetConfig};
 use crate::ingest_http;
 use crate::server::{self, ServerState};
@@ -40,15 +43,21 @@ const FETCH_BATCH: usize = 256;
 /// half the memory). See BENCHMARKS.md.
 const IN_FLIGHT_PER_DELIVERY_SLOT: usize = 4;
 
-/// The pipeline's settings from the configuration.
-pub fn pipeline_settings(config: &Config, secrets: &Secrets) -> PipelineSettings {
+/// The pipeline's settings from the configuration, for one of `shares` partitions: each gets
+/// its share of `engine.max_in_flight` and of each target's `max_concurrency`, so that the
+/// bounds hold for all of one engine's partitions together (and for all engines together,
+/// once the partitions are spread).
+pub fn pipeline_settings(config: &Config, secrets: &Secrets, shares: u32) -> PipelineSettings {
+    let shares = shares.max(1) as usize;
     let target = |side: Origin| -> Option<TargetSettings> {
         let (target, _) = config.targets.side(side);
         let keyring = secrets.target(side)?.clone();
-        target.enabled.then(|| target_settings(target, keyring))
+        let mut settings = target_settings(target, keyring);
+        settings.max_concurrency = settings.max_concurrency.div_ceil(shares);
+        target.enabled.then_some(settings)
     };
     let mut settings = PipelineSettings {
-        max_in_flight: config.engine.max_in_flight,
+        max_in_flight: config.engine.max_in_flight.div_ceil(shares),
         user_idle_timeout: config.engine.user_idle_timeout,
         idle_cache_bytes: config.engine.idle_state_cache_mb << 20,
         ack_wait: config.nats.ack_wait,
@@ -101,7 +110,8 @@ pub async fn run(
     let backends = Arc::new(std::sync::OnceLock::new());
     let nats_slot = Arc::new(std::sync::OnceLock::new());
     let js_slot = Arc::new(std::sync::OnceLock::new());
-    let live = Arc::new(std::sync::OnceLock::new());
+    let live = server::Live::default();
+    let figures = Arc::new(cluster::Figures::default());
     let ingest_requests = Arc::new(Labelled::default());
     let ingest = match (&secrets.ingest_better_auth, &secrets.ingest_payload) {
         (Some(better_auth), Some(payload)) if config.ingest.enabled => {
@@ -125,6 +135,7 @@ pub async fn run(
             nats: nats_slot.clone(),
             backends: backends.clone(),
             live: live.clone(),
+            cluster: figures.clone(),
             ingest_requests,
         },
         ingest,
@@ -132,11 +143,14 @@ pub async fn run(
     .await?;
     let nats_client = nats::connect_until_up(&config.nats, &secrets.nats).await?;
     let _ = nats_slot.set(nats_client.clone());
-    let _ = js_slot.set(async_nats::jetstream::new(nats_client.clone()));
+    let js = async_nats::jetstream::new(nats_client.clone());
+    let _ = js_slot.set(js.clone());
+    let layout = Layout::of(config.cluster.partitions);
+    if let Layout::Partitioned(n) = layout {
+        nats::check_mapping(&nats_client, &config.nats, n).await?;
+    }
 
     let sql = SqlStore::connect(&config.store.url).await?;
-    let store = Arc::new(sql.clone());
-    let writer = sql.clone();
     let clock = Arc::new(SystemClock);
     let (dedup, redis): (Arc<dyn DedupStore>, Option<RedisDedup>) = match config.dedup.backend {
         DedupBackend::Memory => (
@@ -152,107 +166,269 @@ pub async fn run(
             (Arc::new(redis.clone()), Some(redis))
         }
     };
-    let _ = backends.set(crate::server::Backends { store: sql, redis });
-    let js = async_nats::jetstream::new(nats_client.clone());
-    let streams = nats::ensure_streams(&js, &config.nats).await?;
-    let mut consumers = Vec::new();
-    let mut named_consumers = Vec::new();
-    for sink in Sink::ALL {
-        let consumer =
-            nats::ensure_consumer(&streams, &config.nats, sink, config.engine.max_in_flight)
-                .await?;
-        named_consumers.push((
-            nats::consumer_name(&config.nats.durable_prefix, sink),
-            consumer.clone(),
-        ));
-        consumers.push((sink, consumer));
-    }
-    let mirror = if config.mirror.enabled {
-        let table = PgMirror::connect(&config.mirror).await?;
-        let consumer =
-            nats::ensure_mirror_consumer(&streams, &config.nats, config.engine.max_in_flight)
-                .await?;
-        named_consumers.push((
-            format!("{}-mirror", config.nats.durable_prefix),
-            consumer.clone(),
-        ));
-        Some(MirrorPorts {
-            source: Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
-            store: Arc::new(table),
-            default_organization_id: config.mirror.default_organization_id.clone(),
-        })
-    } else {
-        None
-    };
-    let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
-    for (sink, consumer) in &consumers {
-        sources.push((
-            *sink,
-            Arc::new(NatsSource::new(consumer, FETCH_BATCH).await?),
-        ));
-    }
-    let settings = Arc::new(pipeline_settings(&config, &secrets));
-    let events_held_at_most = settings.max_in_flight;
-    let ports = Ports {
-        clock,
-        entropy: Arc::new(OsEntropy::default()),
-        dedup,
-        store,
-        http: Arc::new(ReqwestTransport::new(&config.targets)?),
-        chaos: Arc::new(actors::ports::NoChaos),
-    };
-    let pipeline = Pipeline::start(PipelineArgs {
-        ports,
-        settings,
-        sources,
-        stats,
-        mirror,
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot start the pipeline: {e}"))?;
-    let _ = live.set(server::LiveSources {
-        in_flight: pipeline.in_flight_gauge(),
-        consumers: named_consumers,
+    let _ = backends.set(crate::server::Backends {
+        store: sql.clone(),
+        redis,
     });
-    ready.store(true, Ordering::Relaxed);
+    let mirror = match config.mirror.enabled {
+        true => Some(Arc::new(PgMirror::connect(&config.mirror).await?)),
+        false => None,
+    };
+    let settings = Arc::new(pipeline_settings(&config, &secrets, layout.count()));
+    let shop = Workshop {
+        config: config.clone(),
+        js,
+        store: sql.clone(),
+        dedup,
+        http: Arc::new(ReqwestTransport::new(&config.targets)?),
+        clock,
+        stats,
+        settings,
+        mirror,
+        live,
+    };
     tracing::info!(
         message = "Engine running.",
         better_auth_stream = %nats::stream_name(&config.nats, protocol::Origin::BetterAuth),
         payload_stream = %nats::stream_name(&config.nats, protocol::Origin::Payload),
+        partitions = config.cluster.partitions,
         listen = %config.http.listen,
         store = %store_kind(&config.store.url),
         dedup = ?config.dedup.backend,
-        events_held_at_most,
+        events_held_at_most = shop.settings.max_in_flight * layout.count() as usize,
     );
-
-    let mut pipeline = pipeline;
-    tokio::select! {
-        _ = shutdown => {}
-        _ = &mut pipeline.handle => {
-            // Its supervisor gave up (a part of it failed over and over): exit non-zero, so
-            // the service manager restarts the engine, which resumes from the ack floors.
-            ready.store(false, Ordering::Relaxed);
-            writer.flush().await;
-            anyhow::bail!("the actor pipeline stopped: one of its parts kept failing; exiting so that the engine is restarted");
-        }
-    }
+    let outcome = if config.store.url.starts_with("sqlite:") {
+        run_alone(&shop, &ready, shutdown, config.engine.shutdown_grace).await
+    } else {
+        ready.store(true, Ordering::Relaxed);
+        let leases = cluster::LeaseSettings {
+            url: config.store.url.clone(),
+            scope: config.nats.stream.clone(),
+            member: member_name(&config.cluster.member),
+            ttl: config.cluster.lease_ttl,
+            layout,
+        };
+        tracing::info!(message = "Taking leases.", member = %leases.member, lease_ttl = ?leases.ttl);
+        cluster::Coordinator::new(&shop, leases, figures)
+            .run(shutdown, config.engine.shutdown_grace)
+            .await;
+        Ok(())
+    };
     ready.store(false, Ordering::Relaxed);
-    tracing::info!(message = "Shutting down: intake stopped, draining in-flight work.", grace = ?config.engine.shutdown_grace);
-    let left = pipeline.shutdown(config.engine.shutdown_grace).await;
-    if left > 0 {
-        tracing::warn!(
-            message = "Shutdown grace over; unfinished messages go back to NATS.",
-            n_left = left
-        );
-    }
     // The user actors are stopped; what they queued without waiting is written before exit.
-    writer.flush().await;
+    sql.flush().await;
     let _ = nats_client.flush().await;
     for server in servers {
         server.abort();
     }
     tracing::info!(message = "Stopped.");
+    outcome
+}
+
+/// One engine on a store no other engine shares (SQLite): no lease, the whole stream pair.
+async fn run_alone(
+    shop: &Workshop,
+    ready: &AtomicBool,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let mut work = shop.start_work(None, None, None).await?;
+    ready.store(true, Ordering::Relaxed);
+    tokio::select! {
+        _ = shutdown => {}
+        _ = &mut work.pipeline.handle => {
+            // Its supervisor gave up (a part of it failed over and over): exit non-zero, so
+            // the service manager restarts the engine, which resumes from the ack floors.
+            anyhow::bail!("the actor pipeline stopped: one of its parts kept failing; exiting so that the engine is restarted");
+        }
+    }
+    ready.store(false, Ordering::Relaxed);
+    shop.stop_work(work, Some(grace)).await;
     Ok(())
+}
+
+/// `cluster.member`, or `<host name>-<process id>`.
+fn member_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "engine".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What every partition's work shares, and how it is started and stopped.
+struct Workshop {
+    config: Config,
+    js: async_nats::jetstream::Context,
+    store: SqlStore,
+    dedup: Arc<dyn DedupStore>,
+    http: Arc<dyn HttpTransport>,
+    clock: Arc<SystemClock>,
+    stats: Arc<Stats>,
+    /// Each partition's share of the budgets.
+    settings: Arc<PipelineSettings>,
+    mirror: Option<Arc<PgMirror>>,
+    live: server::Live,
+}
+
+/// One partition's work (or the whole stream pair's): its consumers and its actor pipeline.
+struct Work {
+    key: i32,
+    pipeline: Pipeline,
+    store: SqlStore,
+}
+
+impl Workshop {
+    async fn start_work(
+        &self,
+        part: Option<u32>,
+        fence: Option<Fence>,
+        clock: Option<LeaseClock>,
+    ) -> anyhow::Result<Work> {
+        let nats = &self.config.nats;
+        let streams = nats::ensure_part_streams(&self.js, nats, part).await?;
+        let held_max = self.config.engine.max_in_flight;
+        let mut consumers = Vec::new();
+        for sink in Sink::ALL {
+            let base = nats::part_consumer_name(&nats.durable_prefix, sink.as_str(), part);
+            let stream = streams.of(sink.source());
+            consumers.push((
+                sink,
+                self.consumer(stream, &base, fence.as_ref(), held_max)
+                    .await?,
+            ));
+        }
+        let mirror = match &self.mirror {
+            Some(table) => {
+                let base = nats::part_consumer_name(&nats.durable_prefix, "mirror", part);
+                let stream = streams.of(protocol::Origin::BetterAuth);
+                let consumer = self
+                    .consumer(stream, &base, fence.as_ref(), held_max)
+                    .await?;
+                Some((consumer, table.clone()))
+            }
+            None => None,
+        };
+        let store = match &fence {
+            Some(fence) => self
+                .store
+                .fenced(fence.clone())
+                .unwrap_or_else(|| self.store.clone()),
+            None => self.store.clone(),
+        };
+        let http: Arc<dyn HttpTransport> = match clock {
+            Some(clock) => Arc::new(cluster::LeasedTransport {
+                inner: self.http.clone(),
+                clock,
+            }),
+            None => self.http.clone(),
+        };
+        let mut named = Vec::new();
+        let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
+        for (sink, consumer) in &consumers {
+            named.push((consumer.cached_info().name.clone(), consumer.clone()));
+            sources.push((
+                *sink,
+                Arc::new(NatsSource::new(consumer, FETCH_BATCH).await?),
+            ));
+        }
+        let mirror = match mirror {
+            Some((consumer, table)) => {
+                named.push((consumer.cached_info().name.clone(), consumer.clone()));
+                Some(MirrorPorts {
+                    source: Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
+                    store: table,
+                    default_organization_id: self.config.mirror.default_organization_id.clone(),
+                })
+            }
+            None => None,
+        };
+        let ports = Ports {
+            clock: self.clock.clone(),
+            entropy: Arc::new(OsEntropy::default()),
+            dedup: self.dedup.clone(),
+            store: Arc::new(store.clone()),
+            http,
+            chaos: Arc::new(actors::ports::NoChaos),
+        };
+        let pipeline = Pipeline::start(PipelineArgs {
+            ports,
+            settings: self.settings.clone(),
+            sources,
+            stats: self.stats.clone(),
+            mirror,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the pipeline: {e}"))?;
+        let key = fence
+            .as_ref()
+            .map_or(crate::adapters::lease_pg::WHOLE, |f| f.partition);
+        self.live.insert(
+            key,
+            server::LiveSources {
+                in_flight: pipeline.in_flight_gauge(),
+                consumers: named,
+            },
+        );
+        Ok(Work {
+            key,
+            pipeline,
+            store,
+        })
+    }
+
+    /// The consumer `base`: taken over under a lease, or found (and recovered) when alone.
+    async fn consumer(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        base: &str,
+        fence: Option<&Fence>,
+        held_max: usize,
+    ) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+        let nats = &self.config.nats;
+        match fence {
+            Some(fence) => {
+                nats::take_over_consumer(stream, nats, base, fence.token, held_max).await
+            }
+            None => nats::ensure_named_consumer(stream, nats, base.to_string(), held_max).await,
+        }
+    }
+
+    async fn stop_work(&self, work: Work, grace: Option<Duration>) {
+        self.live.remove(work.key);
+        match grace {
+            Some(grace) => {
+                let left = work.pipeline.shutdown(grace).await;
+                if left > 0 {
+                    tracing::warn!(
+                        message = "Grace over; unfinished messages go back to NATS.",
+                        n_left = left
+                    );
+                }
+            }
+            None => work.pipeline.kill().await,
+        }
+        work.store.flush().await;
+    }
+}
+
+impl cluster::Works for &Workshop {
+    type Work = Work;
+
+    async fn start(
+        &self,
+        part: Option<u32>,
+        fence: Fence,
+        clock: LeaseClock,
+    ) -> anyhow::Result<Work> {
+        self.start_work(part, Some(fence), Some(clock)).await
+    }
+
+    async fn stop(&self, work: Work, grace: Option<Duration>) {
+        self.stop_work(work, grace).await
+    }
 }
 
 /// The operator's endpoints on `http.listen`, and the ingest on `ingest.listen` when it has an

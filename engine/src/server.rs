@@ -33,8 +33,10 @@ pub struct ServerState {
     pub nats: Arc<OnceLock<async_nats::Client>>,
     /// Set at startup once connected; pinged on every `/readyz`.
     pub backends: Arc<OnceLock<Backends>>,
-    /// Set once the pipeline runs: what `/metrics` reads live.
-    pub live: Arc<OnceLock<LiveSources>>,
+    /// What `/metrics` reads live from each running partition's work.
+    pub live: Live,
+    /// Lease figures (several engines).
+    pub cluster: Arc<crate::cluster::Figures>,
     /// Signed HTTP ingest requests by `(origin, result)`.
     pub ingest_requests: Arc<Labelled>,
 }
@@ -124,8 +126,8 @@ async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
     let mut live = LiveFigures::default();
-    if let Some(sources) = state.live.get() {
-        live.in_flight = Some(sources.in_flight.get());
+    for sources in state.live.snapshot() {
+        *live.in_flight.get_or_insert(0) += sources.in_flight.get();
         for (name, consumer) in &sources.consumers {
             let mut consumer = consumer.clone();
             // A scrape must not hang on a slow server: what does not answer in time is left out.
@@ -135,6 +137,7 @@ async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
             }
         }
     }
+    live.cluster = Some(state.cluster.clone());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         render_metrics(&state.stats, &state.ingest_requests, &live),
@@ -148,9 +151,36 @@ pub struct LiveFigures {
     pub in_flight: Option<usize>,
     /// Per consumer: messages not yet delivered to the engine, and delivered but unacked.
     pub pending: Vec<(String, u64, u64)>,
+    /// Partitions held and lease changes.
+    pub cluster: Option<Arc<crate::cluster::Figures>>,
 }
 
-/// The running engine's parts that a scrape reads, set once started.
+/// Each running partition's parts that a scrape reads, by lease number.
+#[derive(Debug, Clone, Default)]
+pub struct Live(Arc<std::sync::Mutex<std::collections::BTreeMap<i32, LiveSources>>>);
+
+impl Live {
+    pub fn insert(&self, key: i32, sources: LiveSources) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(key, sources);
+        }
+    }
+
+    pub fn remove(&self, key: i32) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(&key);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<LiveSources> {
+        self.0
+            .lock()
+            .map(|map| map.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// One running partition's parts that a scrape reads.
 #[derive(Debug, Clone)]
 pub struct LiveSources {
     pub in_flight: actors::pipeline::InFlight,
@@ -435,6 +465,32 @@ pub fn render_metrics(stats: &Stats, ingest: &Labelled, live: &LiveFigures) -> S
                 "consumer_ack_pending",
                 &[("consumer", consumer)],
                 ack_pending,
+            );
+        }
+    }
+    if let Some(cluster) = &live.cluster {
+        Family::new(
+            &mut out,
+            "partitions_owned",
+            "gauge",
+            "Leases this engine holds: partitions, or 1 for the whole unpartitioned streams (0 for a standby).",
+        )
+        .sample("partitions_owned", &[], cluster.owned.load(Ordering::Relaxed));
+        let mut f = Family::new(
+            &mut out,
+            "lease_changes_total",
+            "counter",
+            "Leases acquired, released (handed on when rebalancing or stopping) and lost (the lease session failed).",
+        );
+        for (change, value) in [
+            ("acquired", &cluster.acquired),
+            ("released", &cluster.released),
+            ("lost", &cluster.lost),
+        ] {
+            f.sample(
+                "lease_changes_total",
+                &[("change", change)],
+                value.load(Ordering::Relaxed),
             );
         }
     }

@@ -6,6 +6,7 @@ pub mod dedup_memory;
 pub mod dedup_redis;
 pub mod errors;
 pub mod http;
+pub mod lease_pg;
 pub mod mirror_pg;
 pub mod nats;
 pub mod state_writer;

@@ -170,6 +170,29 @@ pub fn origin_subjects(config: &NatsConfig, origin: Origin) -> &[String] {
     }
 }
 
+/// The stream holding `origin`'s events of partition `part` (`None`: unpartitioned):
+/// `<stream>_<ORIGIN>_P<n>`.
+pub fn part_stream_name(config: &NatsConfig, origin: Origin, part: Option<u32>) -> String {
+    match part {
+        None => stream_name(config, origin),
+        Some(p) => format!("{}_P{p}", stream_name(config, origin)),
+    }
+}
+
+/// The subjects the stream of `origin`'s partition `part` captures: the ones the server's
+/// mapping makes, `<prefix>.<type>.<token>.<part>`, one per event type, so that nothing else
+/// the mapping carries (the engine's probe) lands in the stream.
+fn part_subjects(config: &NatsConfig, origin: Origin, part: Option<u32>) -> Vec<String> {
+    let subjects = origin_subjects(config, origin);
+    let (Some(p), Some(prefix)) = (part, crate::config::partition_prefix(subjects)) else {
+        return subjects.to_vec();
+    };
+    ["created", "updated", "deleted", "resync"]
+        .iter()
+        .map(|verb| format!("{prefix}.{verb}.*.{p}"))
+        .collect()
+}
+
 /// The engine's two streams, one per origin.
 #[derive(Clone)]
 pub struct Streams {
@@ -193,9 +216,18 @@ pub async fn ensure_streams(
     js: &jetstream::Context,
     config: &NatsConfig,
 ) -> anyhow::Result<Streams> {
+    ensure_part_streams(js, config, None).await
+}
+
+/// [`ensure_streams`] of partition `part` (`None`: unpartitioned).
+pub async fn ensure_part_streams(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    part: Option<u32>,
+) -> anyhow::Result<Streams> {
     Ok(Streams {
-        better_auth: ensure_stream(js, config, Origin::BetterAuth).await?,
-        payload: ensure_stream(js, config, Origin::Payload).await?,
+        better_auth: ensure_stream(js, config, Origin::BetterAuth, part).await?,
+        payload: ensure_stream(js, config, Origin::Payload, part).await?,
     })
 }
 
@@ -203,9 +235,10 @@ async fn ensure_stream(
     js: &jetstream::Context,
     config: &NatsConfig,
     origin: Origin,
+    part: Option<u32>,
 ) -> anyhow::Result<stream::Stream> {
-    let name = stream_name(config, origin);
-    let wanted = origin_subjects(config, origin).to_vec();
+    let name = part_stream_name(config, origin, part);
+    let wanted = part_subjects(config, origin, part);
     let Ok(mut existing) = js.get_stream(&name).await else {
         return create_stream(js, config, name, wanted).await;
     };
@@ -225,10 +258,26 @@ async fn ensure_stream(
     if !missing.is_empty() || !extra.is_empty() {
         anyhow::bail!(
             "stream {name} exists with subjects {have:?}, but it must capture exactly {wanted:?} \
-             (missing {missing:?}, extra {extra:?}); fix nats.stream, the subjects, or the stream"
+             (missing {missing:?}, extra {extra:?}); fix nats.stream, the subjects, \
+             cluster.partitions or the stream"
         );
     }
     Ok(existing)
+}
+
+/// Every stream of the configured layout: the unpartitioned pair, or each partition's (for
+/// the commands that publish: whichever engine holds a partition, its streams exist).
+pub async fn ensure_layout_streams(
+    js: &jetstream::Context,
+    config: &crate::config::Config,
+) -> anyhow::Result<()> {
+    if config.cluster.partitions == 0 {
+        ensure_streams(js, &config.nats).await?;
+    }
+    for part in 0..config.cluster.partitions {
+        ensure_part_streams(js, &config.nats, Some(part)).await?;
+    }
+    Ok(())
 }
 
 async fn create_stream(
@@ -293,6 +342,15 @@ pub fn consumer_name(prefix: &str, sink: Sink) -> String {
     format!("{prefix}-{}", sink.as_str())
 }
 
+/// The durable consumer name `<prefix>-<name>` of the unpartitioned streams, or
+/// `<prefix>-<name>-p<part>` of a partition's (a lease holder adds `-t<token>`).
+pub fn part_consumer_name(prefix: &str, name: &str, part: Option<u32>) -> String {
+    match part {
+        None => format!("{prefix}-{name}"),
+        Some(p) => format!("{prefix}-{name}-p{p}"),
+    }
+}
+
 /// Creates (or finds) the durable pull consumer of `sink`, reading its source's whole stream.
 pub async fn ensure_consumer(
     streams: &Streams,
@@ -315,7 +373,9 @@ pub async fn ensure_mirror_consumer(
     ensure_named_consumer(stream, config, name, max_ack_pending).await
 }
 
-async fn ensure_named_consumer(
+/// Creates (or finds) the durable consumer `name`; one that an earlier run left holding
+/// messages is made again at its ack floor.
+pub async fn ensure_named_consumer(
     stream: &stream::Stream,
     config: &NatsConfig,
     name: String,
@@ -380,6 +440,145 @@ async fn recreate_at_ack_floor(
         .create_consumer(consumer_config)
         .await
         .map_err(|e| anyhow::anyhow!("cannot recreate consumer {name} at its ack floor: {e}"))
+}
+
+/// The verb of the engine's mapping probe: mapped like any event, captured by no stream.
+const PROBE_VERB: &str = "sync-engine-probe";
+/// Probes per origin: enough that a server mapping to another number of partitions gives
+/// itself away (every probe's partition is checked against the engine's own).
+const PROBES: usize = 64;
+
+/// The server's `mappings` block for `partitions` partitions: each origin's
+/// `<prefix>.<type>.<token>` gets the partition of its token as a fourth token.
+pub fn mapping_config(config: &NatsConfig, partitions: u32) -> String {
+    let mut text = String::from("mappings = {\n");
+    for origin in Origin::ALL {
+        if let Some(prefix) = crate::config::partition_prefix(origin_subjects(config, origin)) {
+            text.push_str(&format!(
+                "  \"{prefix}.*.*\": \"{prefix}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({partitions},2)}}}}\"\n"
+            ));
+        }
+    }
+    text.push('}');
+    text
+}
+
+/// Checks that the server maps each origin's subjects to `partitions` partitions as the engine
+/// computes them (PROTOCOL.md §1, *Partitions*): a probe per token through core NATS, which
+/// the mapping rewrites and no stream captures.
+pub async fn check_mapping(
+    client: &async_nats::Client,
+    config: &NatsConfig,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let fix = || {
+        format!(
+            "the NATS server must map the subjects to cluster.partitions = {partitions}; its configuration needs\n{}",
+            mapping_config(config, partitions)
+        )
+    };
+    for origin in Origin::ALL {
+        let Some(prefix) = crate::config::partition_prefix(origin_subjects(config, origin)) else {
+            anyhow::bail!("{origin:?}'s subjects cannot be partitioned");
+        };
+        let mut probes = client
+            .subscribe(format!("{prefix}.{PROBE_VERB}.>"))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to the mapping probe: {e}"))?;
+        for i in 0..PROBES {
+            let subject = format!("{prefix}.{PROBE_VERB}.probe{i}");
+            client
+                .publish(subject, bytes::Bytes::new())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot publish the mapping probe: {e}"))?;
+        }
+        client
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot flush the probe: {e}"))?;
+        for _ in 0..PROBES {
+            let Ok(Some(probe)) = tokio::time::timeout(Duration::from_secs(2), probes.next()).await
+            else {
+                anyhow::bail!("the mapping probe on {prefix} got no answer; {}", fix());
+            };
+            let tokens: Vec<&str> = probe.subject.split('.').collect();
+            let (Some(token), Some(got)) = (tokens.iter().rev().nth(1), tokens.last()) else {
+                anyhow::bail!("unexpected probe subject {}", probe.subject);
+            };
+            if tokens.len() != prefix.split('.').count() + 3 {
+                anyhow::bail!("{} is not mapped to a partition; {}", probe.subject, fix());
+            }
+            let want = protocol::partition::partition_of(token, partitions).to_string();
+            if *got != want {
+                anyhow::bail!(
+                    "the server maps {prefix}.{PROBE_VERB}.{token} to partition {got}, the engine to {want}; {}",
+                    fix()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The durable consumer of a lease holder: `<base>-t<token>`. A new holder reads from a consumer
+/// of its own name, never from its predecessor's, so an engine that lost its lease and has not
+/// noticed yet can pull nothing more: its pull requests name a consumer that no longer exists.
+pub fn leased_consumer_name(base: &str, token: i64) -> String {
+    format!("{base}-t{token}")
+}
+
+/// Takes over the consumer `base` of a leased partition under `token`: the earlier holders'
+/// consumers (`base`, `base-t<n>`) are deleted, and the new one starts at the lowest of their
+/// ack floors, so every message they left unacknowledged comes back at once, in stream order
+/// (the same recovery as after a crash; what was done already is dropped by the state).
+pub async fn take_over_consumer(
+    stream: &stream::Stream,
+    config: &NatsConfig,
+    base: &str,
+    token: i64,
+    max_ack_pending: usize,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let name = leased_consumer_name(base, token);
+    let mut start: Option<u64> = None;
+    let mut names = stream.consumer_names();
+    let mut earlier = Vec::new();
+    while let Some(found) = names.next().await {
+        let found =
+            found.map_err(|e| anyhow::anyhow!("cannot list the consumers of {base}: {e}"))?;
+        if found == base
+            || found
+                .strip_prefix(&format!("{base}-t"))
+                .is_some_and(is_digits)
+        {
+            earlier.push(found);
+        }
+    }
+    for found in earlier {
+        let info: consumer::Info = stream
+            .consumer_info(&found)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read consumer {found}: {e}"))?;
+        let floor = info.ack_floor.stream_sequence + 1;
+        start = Some(start.map_or(floor, |s| s.min(floor)));
+        stream
+            .delete_consumer(&found)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot delete consumer {found} to take it over: {e}"))?;
+    }
+    let mut consumer_config = consumer_config(config, &name, max_ack_pending);
+    if let Some(start_sequence) = start {
+        consumer_config.deliver_policy =
+            consumer::DeliverPolicy::ByStartSequence { start_sequence };
+    }
+    tracing::debug!(message = "Consumer taken over.", consumer = %name, start_sequence = ?start);
+    stream
+        .create_consumer(consumer_config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create consumer {name}: {e}"))
+}
+
+fn is_digits(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// The event source of one sink: a continuous pull from its durable consumer.

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use actors::PortError;
 
 use super::clock::now_ms;
+use super::lease_pg::Fence;
 use super::store::port_error;
 
 /// Rows written by one statement at most: 3 parameters each, far below both databases'
@@ -59,7 +60,8 @@ type Pending = Arc<DashMap<String, (u64, Arc<[u8]>)>>;
 pub enum Target {
     /// The writer's connection, and the WAL's length as last seen by the checkpointer.
     Sqlite(SqlitePool, WalSize),
-    Postgres(PgPool),
+    /// With the lease of the partition whose users it saves, when engines share the work.
+    Postgres(PgPool, Option<Fence>),
 }
 
 /// The SQLite WAL's length in frames, as the background checkpointer last saw it.
@@ -243,21 +245,30 @@ async fn write(target: &Target, batch: &[Save]) -> Result<(), sqlx::Error> {
                           SET state = excluded.state, updated_at = excluded.updated_at";
     // The same statements on either database; only the builder's type differs.
     macro_rules! upsert_all {
-        ($pool:expr, $db:ty) => {{
-            let mut tx = $pool.begin().await?;
+        ($tx:expr, $db:ty) => {{
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::<$db>::new(INSERT);
                 query.push_values(chunk, |mut row, (key, bytes)| {
                     row.push_bind(*key).push_bind(*bytes).push_bind(now);
                 });
                 query.push(UPSERT);
-                query.build().persistent(false).execute(&mut *tx).await?;
+                query.build().persistent(false).execute(&mut *$tx).await?;
             }
-            tx.commit().await
         }};
     }
     match target {
-        Target::Sqlite(pool, _) => upsert_all!(pool, Sqlite),
-        Target::Postgres(pool) => upsert_all!(pool, Postgres),
+        Target::Sqlite(pool, _) => {
+            let mut tx = pool.begin().await?;
+            upsert_all!(tx, Sqlite);
+            tx.commit().await
+        }
+        Target::Postgres(pool, fence) => {
+            let mut tx = pool.begin().await?;
+            if let Some(fence) = fence {
+                fence.check(&mut tx).await?;
+            }
+            upsert_all!(tx, Postgres);
+            tx.commit().await
+        }
     }
 }

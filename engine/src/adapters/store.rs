@@ -17,6 +17,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::lease_pg::Fence;
 use super::state_writer::{StateWriter, Target, WalSize};
 
 /// Runs the same code on whichever pool the store has: the SQL is written once, with `$N`
@@ -138,13 +139,23 @@ impl SqlStore {
                 .run(&pool)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot migrate the PostgreSQL store: {e}"))?;
-            let writer = StateWriter::start(Target::Postgres(pool.clone()));
+            let writer = StateWriter::start(Target::Postgres(pool.clone(), None));
             Ok(SqlStore::new(Db::Postgres(pool), writer))
         }
     }
 
     fn new(db: Db, writer: StateWriter) -> SqlStore {
         SqlStore { db, writer }
+    }
+
+    /// The same PostgreSQL store for the users of one leased partition: its saves commit only
+    /// while `fence` is the partition's current lease. `None` for a SQLite store.
+    pub fn fenced(&self, fence: Fence) -> Option<SqlStore> {
+        let Db::Postgres(pool) = &self.db else {
+            return None;
+        };
+        let writer = StateWriter::start(Target::Postgres(pool.clone(), Some(fence)));
+        Some(SqlStore::new(self.db.clone(), writer))
     }
 
     /// Waits until every save queued so far is written.

@@ -86,7 +86,7 @@ async fn backfill(config: &Config, args: &BackfillArgs) -> anyhow::Result<ExitCo
         _ => None,
     };
     if !args.dry_run {
-        crate::adapters::nats::ensure_streams(&js, &config.nats).await?;
+        crate::adapters::nats::ensure_layout_streams(&js, &config).await?;
     }
 
     let mut summary = Summary {
@@ -323,7 +323,7 @@ async fn read_checkpoint(stream: &stream::Stream, key: &str) -> anyhow::Result<O
 /// One checkpoint per source database (credentials left out), table, stream and subject: a
 /// backfill into another stream starts from the beginning.
 pub fn checkpoint_key(config: &Config, source_url: &str, table: &str) -> String {
-    let subject = super::publish::subject_for(config, Origin::BetterAuth, EventType::Created, "");
+    let subject = super::publish::subject_base(config, Origin::BetterAuth, EventType::Created);
     let stream = crate::adapters::nats::stream_name(&config.nats, Origin::BetterAuth);
     let mut hash = Sha256::new();
     for part in [

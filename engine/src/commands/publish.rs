@@ -58,32 +58,32 @@ pub fn run(args: &PublishArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = crate::adapters::nats::connect(&config.nats).await?;
         let js = async_nats::jetstream::new(client);
-        crate::adapters::nats::ensure_streams(&js, &config.nats).await?;
+        crate::adapters::nats::ensure_layout_streams(&js, &config).await?;
         publish(&js, &subject, &id, envelope.to_bytes()).await
     })?;
     println!("published {id} to {subject}");
     Ok(ExitCode::SUCCESS)
 }
 
-/// The subject an application publishes `event_type` of `user` on: the first configured
-/// subject of its origin, `>` replaced by `<created|updated|deleted>.<user>`.
+/// The subject an application publishes `event_type` of `user` on: [`subject_base`] followed by
+/// the user's token (PROTOCOL.md §1, *Partitions*), as the plugins do.
 pub fn subject_for(config: &Config, origin: Origin, event_type: EventType, user: &str) -> String {
+    let base = subject_base(config, origin, event_type);
+    format!("{base}.{}", protocol::partition::subject_token(user))
+}
+
+/// The first configured subject of `origin`, `>` replaced by `created|updated|deleted|resync`.
+pub fn subject_base(config: &Config, origin: Origin, event_type: EventType) -> String {
     let patterns = match origin {
         Origin::BetterAuth => &config.nats.better_auth_subjects,
         Origin::Payload => &config.nats.payload_subjects,
     };
     let base = patterns
         .first()
-        .map(|p| p.trim_end_matches(".>").trim_end_matches(".*").to_string())
-        .unwrap_or_else(|| "user".into());
+        .map(|p| p.trim_end_matches(".>").trim_end_matches(".*"))
+        .unwrap_or("user");
     let verb = event_type.as_str().trim_start_matches("user.");
-    // A user id with a dot, a wildcard, white space or a control character cannot be a
-    // subject token (nor reach the NATS wire); the body holds the key anyway.
-    if !protocol::user::is_valid_user_id(user) || user.contains(['.', '*', '>', ' ']) {
-        format!("{base}.{verb}")
-    } else {
-        format!("{base}.{verb}.{user}")
-    }
+    format!("{base}.{verb}")
 }
 
 /// Publishes with `Nats-Msg-Id` and waits for JetStream's acknowledgement.

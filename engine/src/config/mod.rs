@@ -37,6 +37,7 @@ pub struct Config {
     pub nats: NatsConfig,
     pub dedup: DedupConfig,
     pub store: StoreConfig,
+    pub cluster: ClusterConfig,
     pub targets: TargetsConfig,
     pub mirror: MirrorConfig,
     pub http: HttpConfig,
@@ -166,6 +167,24 @@ pub struct StoreConfig {
     /// `sqlite://path` or `postgres://...`.
     pub url: String,
 }
+
+/// Several engines on one set of streams: partitions and leases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// 0: unpartitioned streams; N: N partitions mapped by the NATS server.
+    pub partitions: u32,
+    /// How long a silent engine keeps its leases.
+    #[serde(with = "duration")]
+    pub lease_ttl: Duration,
+    /// This engine's name; empty: `<host name>-<process id>`.
+    pub member: String,
+}
+
+/// `cluster.lease_ttl`'s bounds: shorter than 2 s, a garbage collection or a slow commit would
+/// cost the leases; longer than 5 min, a dead engine's users would wait that long.
+pub const LEASE_TTL_MIN: Duration = Duration::from_secs(2);
+pub const LEASE_TTL_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -485,6 +504,7 @@ impl Config {
             }
             validate_postgres_url("store.url", &self.store.url)?;
         }
+        self.validate_cluster()?;
         let mut secrets = Secrets {
             payload: None,
             better_auth: None,
@@ -584,6 +604,56 @@ impl Config {
         toml::to_string_pretty(&shown).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
     }
 
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_string(),
+            message,
+        };
+        let cluster = &self.cluster;
+        if cluster.lease_ttl < LEASE_TTL_MIN || cluster.lease_ttl > LEASE_TTL_MAX {
+            return Err(invalid(
+                "cluster.lease_ttl",
+                format!("must be between {LEASE_TTL_MIN:?} and {LEASE_TTL_MAX:?}"),
+            ));
+        }
+        if cluster.member.len() > 128 || cluster.member.chars().any(char::is_control) {
+            return Err(invalid(
+                "cluster.member",
+                "must be at most 128 characters, none of them control characters".into(),
+            ));
+        }
+        if cluster.partitions == 0 {
+            return Ok(());
+        }
+        if cluster.partitions > protocol::partition::PARTITIONS_MAX {
+            return Err(invalid(
+                "cluster.partitions",
+                format!(
+                    "must be at most {} (0: unpartitioned)",
+                    protocol::partition::PARTITIONS_MAX
+                ),
+            ));
+        }
+        if !is_postgres_url(&self.store.url) {
+            return Err(invalid(
+                "cluster.partitions",
+                "partitions need a postgres:// store.url, shared by the engines (it holds their leases and the users' states)".into(),
+            ));
+        }
+        for (key, subjects) in [
+            ("nats.better_auth_subjects", &self.nats.better_auth_subjects),
+            ("nats.payload_subjects", &self.nats.payload_subjects),
+        ] {
+            if partition_prefix(subjects).is_none() {
+                return Err(invalid(
+                    key,
+                    format!("with cluster.partitions, must be one subject ending in \".>\" (like \"user.>\"), not {subjects:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_redis(&self) -> Result<(), ConfigError> {
         let url = &self.dedup.redis_url;
         let tls = url.starts_with("rediss://");
@@ -603,6 +673,16 @@ impl Config {
             files::certificates("dedup.redis_ca_file", path)?;
         }
         Ok(())
+    }
+}
+
+/// The subject prefix a partitioned origin publishes under: `user` for `["user.>"]`.
+pub fn partition_prefix(subjects: &[String]) -> Option<&str> {
+    match subjects {
+        [only] => only
+            .strip_suffix(".>")
+            .filter(|prefix| !prefix.is_empty() && !prefix.contains(['*', '>', ' '])),
+        _ => None,
     }
 }
 

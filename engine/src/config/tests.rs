@@ -185,6 +185,17 @@ fn cross_field_rules() {
         ("[store]\nurl = \"mysql://x\"\n", "store.url"),
         ("[engine]\nmax_in_flight = 0\n", "engine.max_in_flight"),
         ("[log]\nlevel = \"loud\"\n", "log.level"),
+        ("[cluster]\nlease_ttl = \"1s\"\n", "cluster.lease_ttl"),
+        ("[cluster]\npartitions = 16\n", "cluster.partitions"),
+        (
+            "[cluster]\npartitions = 2000\n[store]\nurl = \"postgres://h/db\"\n",
+            "cluster.partitions",
+        ),
+        (
+            "[cluster]\npartitions = 16\n[store]\nurl = \"postgres://h/db\"\n\
+             [nats]\nbetter_auth_subjects = [\"user.created\", \"user.updated\"]\n",
+            "nats.better_auth_subjects",
+        ),
     ];
     for (text, key) in cases {
         let config = load_text(text).expect("parses");

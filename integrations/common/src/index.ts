@@ -1,6 +1,6 @@
 // @sync-engine/common: what @sync-engine/better-auth and @sync-engine/payload share. The wire
 // contract is docs/PROTOCOL.md: envelopes on NATS JetStream, Standard Webhooks deliveries from the engine.
-import { randomUUID } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { connect, type ConnectionOptions, type NatsConnection } from "nats";
 import { Webhook } from "standardwebhooks";
 export * from "./outbox.js";
@@ -20,8 +20,9 @@ export interface Envelope {
 export const EVENT_TYPES: readonly EventType[] = ["user.created", "user.updated", "user.deleted"];
 /** Event ids: 1–128 of A-Za-z0-9_:- (no dot: Standard Webhooks uses it as a separator). */
 export const EVENT_ID_PATTERN = /^[A-Za-z0-9_:-]{1,128}$/;
-/** Characters NATS does not allow in a subject token. */
-const SUBJECT_TOKEN_PATTERN = /^[^\s.*>]+$/;
+/** Ids used as their own subject token: printable ASCII without `.`, `*` or `>`, 1–128 long. */
+const PLAIN_TOKEN_PATTERN = /^[\x21-\x7e]{1,128}$/;
+const NOT_IN_A_TOKEN = /[.*>]/;
 
 export interface Logger {
   info(message: string): void;
@@ -40,11 +41,24 @@ export function newEventId(): string {
   return randomUUID();
 }
 
-/** `prefix` + base + `.<key>`; the key token is left out when NATS would not accept it. */
+/**
+ * The subject token of user `id` (PROTOCOL.md §1, *Partitions*): the id itself when NATS
+ * accepts it as a token, otherwise `h` and the first 16 hex digits of its SHA-256. The engine
+ * (`protocol::partition::subject_token`) has the same rule and the same test vectors.
+ */
+export function subjectToken(id: string): string {
+  if (PLAIN_TOKEN_PATTERN.test(id) && !NOT_IN_A_TOKEN.test(id)) return id;
+  return `h${createHash("sha256").update(id, "utf8").digest("hex").slice(0, 16)}`;
+}
+
+/**
+ * `prefix` + base + `.<token>`: every subject ends with its user's token, so that the server's
+ * partition mapping sends all of one user's events to one partition. An event without a string
+ * id (which the engine dead-letters) is given the token of the empty id.
+ */
 export function subjectFor(prefix: string, base: string, key: unknown): string {
   const normalized = prefix && !prefix.endsWith(".") ? `${prefix}.` : prefix;
-  const subject = `${normalized}${base}`;
-  return typeof key === "string" && SUBJECT_TOKEN_PATTERN.test(key) ? `${subject}.${key}` : subject;
+  return `${normalized}${base}.${subjectToken(typeof key === "string" ? key : "")}`;
 }
 
 /** JSON-ready copy: Dates become ISO strings, undefined values are left out. */
