@@ -361,6 +361,12 @@ level = "info"
     /// Publishes without waiting for each acknowledgement (for bulk loads), then waits for all.
     pub async fn publish_many(&self, messages: Vec<(String, String, Vec<u8>)>) {
         self.ensure_stream().await;
+        self.publish_to_existing(messages).await;
+    }
+
+    /// [`TestEnv::publish_many`] to streams that already exist (a partitioned layout's, which
+    /// the engines create).
+    pub async fn publish_to_existing(&self, messages: Vec<(String, String, Vec<u8>)>) {
         let mut acks = Vec::with_capacity(messages.len());
         for (subject, msg_id, body) in messages {
             let mut headers = async_nats::HeaderMap::new();

@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod env;
+pub mod fleet;
 pub mod load;
 pub mod receiver;
 pub mod relay;

@@ -86,17 +86,18 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// Of deliveries to Payload (users by `betterAuthUserId`).
     pub fn of(accepted: &[Received]) -> Verdict {
+        Verdict::by(accepted, "betterAuthUserId")
+    }
+
+    /// Of deliveries whose user id is the field `user`.
+    pub fn by(accepted: &[Received], user: &str) -> Verdict {
         let delivered = distinct(accepted);
         let mut per_user: BTreeMap<String, Vec<i64>> = BTreeMap::new();
         for d in accepted {
             per_user
-                .entry(
-                    d.data("betterAuthUserId")
-                        .as_str()
-                        .unwrap_or("")
-                        .to_string(),
-                )
+                .entry(d.data(user).as_str().unwrap_or("").to_string())
                 .or_default()
                 .push(d.data("seq").as_i64().unwrap_or(-1));
         }

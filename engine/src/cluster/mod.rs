@@ -254,6 +254,8 @@ impl<W: Works> Coordinator<W> {
     async fn heartbeat(&mut self) -> Option<crate::adapters::lease_pg::Roster> {
         let every = round_every(self.settings.ttl);
         if self.session.is_none() {
+            // Work only ever runs under a lock of the session it was started in.
+            assert!(self.held.is_empty(), "work held without a lease session");
             let s = &self.settings;
             let connect =
                 PgLeases::connect(&s.url, &s.scope, &s.member, idle_session_timeout(s.ttl));
@@ -301,23 +303,28 @@ impl<W: Works> Coordinator<W> {
         self.figures.owned.store(0, Ordering::Relaxed);
     }
 
+    /// Stops `index`'s work, then gives its lock up. The log line comes between the two, so
+    /// that each engine's logged holding spans its work and lies within its lock.
     async fn release(&mut self, index: u32, every: Duration) {
         let Some((fence, work)) = self.held.remove(&index) else {
             return;
         };
         self.works.stop(work, Some(every)).await;
+        self.give_back(index, &fence, every).await;
+    }
+
+    async fn give_back(&mut self, index: u32, fence: &Fence, every: Duration) {
+        self.figures.released.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(message = "Lease released.", partition = %self.name(index), token = fence.token, member = %self.settings.member);
         let released = match self.session.as_mut() {
-            Some(session) => tokio::time::timeout(every, session.release(&fence)).await,
+            Some(session) => tokio::time::timeout(every, session.release(fence)).await,
             None => return,
         };
         if !matches!(released, Ok(Ok(()))) {
             // The lock may still be held: only ending the session frees it for sure.
             self.session = None;
             self.lose_all().await;
-            return;
         }
-        self.figures.released.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(message = "Lease released.", partition = %self.name(index), token = fence.token, member = %self.settings.member);
     }
 
     async fn acquire(&mut self, indexes: Vec<u32>, every: Duration) {
@@ -328,7 +335,11 @@ impl<W: Works> Coordinator<W> {
                 return;
             };
             match tokio::time::timeout(every, session.try_acquire(layout.lease_id(index))).await {
-                Ok(Ok(Some(fence))) => fences.push((index, fence)),
+                Ok(Ok(Some(fence))) => {
+                    self.figures.acquired.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(message = "Lease acquired.", partition = %self.name(index), token = fence.token, member = %self.settings.member);
+                    fences.push((index, fence));
+                }
                 Ok(Ok(None)) => {}
                 _ => {
                     self.session = None;
@@ -347,16 +358,18 @@ impl<W: Works> Coordinator<W> {
         });
         for (index, fence, started) in futures::future::join_all(starts).await {
             match started {
-                Ok(work) => {
-                    self.figures.acquired.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(message = "Lease acquired.", partition = %self.name(index), token = fence.token, member = %self.settings.member);
+                Ok(work) if self.session.is_some() => {
                     self.held.insert(index, (fence, work));
+                }
+                Ok(work) => {
+                    // The session ended while it started: the lock went with it.
+                    self.works.stop(work, None).await;
+                    self.figures.lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(message = "Lease lost.", partition = %self.name(index), token = fence.token);
                 }
                 Err(error) => {
                     tracing::warn!(message = "Cannot start a partition's work; giving its lease back.", partition = %self.name(index), %error);
-                    if let Some(session) = self.session.as_mut() {
-                        let _ = tokio::time::timeout(every, session.release(&fence)).await;
-                    }
+                    self.give_back(index, &fence, every).await;
                 }
             }
         }
