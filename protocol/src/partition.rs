@@ -44,7 +44,7 @@ fn is_plain_token(id: &str) -> bool {
 /// token is `token`: FNV-1a (32 bits) of the token, modulo the partitions. The engine checks
 /// at startup that the server agrees (a probe through the mapping).
 pub fn partition_of(token: &str, partitions: u32) -> u32 {
-    assert!(partitions >= 1 && partitions <= PARTITIONS_MAX);
+    assert!((1..=PARTITIONS_MAX).contains(&partitions));
     fnv1a32(token.as_bytes()) % partitions
 }
 

@@ -86,7 +86,7 @@ async fn backfill(config: &Config, args: &BackfillArgs) -> anyhow::Result<ExitCo
         _ => None,
     };
     if !args.dry_run {
-        crate::adapters::nats::ensure_layout_streams(&js, &config).await?;
+        crate::adapters::nats::ensure_layout_streams(&js, config).await?;
     }
 
     let mut summary = Summary {

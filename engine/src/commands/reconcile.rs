@@ -327,7 +327,7 @@ async fn fix(
 ) -> anyhow::Result<()> {
     let client = crate::adapters::nats::connect(&config.nats).await?;
     let js = async_nats::jetstream::new(client);
-    crate::adapters::nats::ensure_layout_streams(&js, &config).await?;
+    crate::adapters::nats::ensure_layout_streams(&js, config).await?;
 
     let changes = report
         .missing
