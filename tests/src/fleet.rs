@@ -41,11 +41,24 @@ impl Fleet {
     /// Starts engine `member` on `env`'s configuration, waits until `/readyz` answers 200, and
     /// returns its index.
     pub async fn start(&mut self, env: &TestEnv, member: &str) -> usize {
+        self.start_with(env, member, &[]).await
+    }
+
+    /// [`Fleet::start`] with environment overrides of its own (`SYNC_ENGINE__…`).
+    pub async fn start_with(
+        &mut self,
+        env: &TestEnv,
+        member: &str,
+        vars: &[(&str, &str)],
+    ) -> usize {
         let http = free_addr();
         let log = env.dir.path().join(format!("fleet-{member}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = env
-            .command(&["run"])
+        let mut command = env.command(&["run"]);
+        for (name, value) in vars {
+            command.env(name, value);
+        }
+        let child = command
             .env("SYNC_ENGINE__HTTP__LISTEN", http.to_string())
             .env("SYNC_ENGINE__CLUSTER__MEMBER", member)
             .env("SYNC_ENGINE__LOG__FORMAT", "json")

@@ -5,7 +5,7 @@
 //! own lease logs). Hand-over times and rates are printed, never asserted.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use protocol::partition::{partition_of, subject_token};
 use protocol::{EventType, Origin};
@@ -14,11 +14,12 @@ use tests::env::{now_ms, EnvOptions, TestEnv};
 use tests::fleet::Fleet;
 use tests::load::{distinct, Load, Verdict};
 use tests::receiver::{Received, Receiver};
+use tests::relay::Relay;
 use tests::servers::NatsServer;
 use tests::user_tables::PgDatabase;
 use tests::TEST_SECRET;
 
-const WAIT: Duration = Duration::from_secs(300);
+const WAIT: Duration = Duration::from_secs(120);
 const PARTITIONS: u32 = 16;
 
 fn options(store_url: &str, cluster: &str) -> EnvOptions {
@@ -146,111 +147,258 @@ fn partition(r: &Received) -> u32 {
     partition_of(&subject_token(user), PARTITIONS)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn engines_share_partitions_and_hand_them_over_in_order() {
+/// A partitioned world: a NATS server of the test's own with the mapping, a store database and
+/// both receivers.
+struct World {
+    _nats: NatsServer,
+    db: PgDatabase,
+    payload: Receiver,
+    better_auth: Receiver,
+    env: TestEnv,
+}
+
+async fn partitioned_world(prefix: &str) -> World {
     let nats = NatsServer::start(&mapping());
     let client = async_nats::connect(nats.url()).await.expect("test NATS");
-    let db = PgDatabase::create("sync_cluster").await;
+    let db = PgDatabase::create(prefix).await;
     let payload = Receiver::start(TEST_SECRET).await;
     let better_auth = Receiver::start(TEST_SECRET).await;
     let mut opts = options(&db.url, &format!("partitions = {PARTITIONS}\n"));
     opts.nats_url = Some(nats.url());
     let env = TestEnv::with_client(&payload.url, &better_auth.url, opts, client);
-    let mut fleet = Fleet::default();
-    for member in ["a", "b", "c"] {
-        fleet.start(&env, member).await;
+    World {
+        _nats: nats,
+        db,
+        payload,
+        better_auth,
+        env,
     }
-    let balanced = Instant::now() + Duration::from_secs(30);
+}
+
+/// Waits until the engines `live` hold every partition, each ⌊N/k⌋ or ⌈N/k⌉; returns them.
+async fn balanced(fleet: &Fleet, live: &[usize]) -> Vec<f64> {
+    let k = live.len() as u32;
+    let (low, high) = (f64::from(PARTITIONS / k), f64::from(PARTITIONS.div_ceil(k)));
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut owned = Vec::new();
-        for i in 0..3 {
-            owned.push(fleet.metric(i, "sync_engine_partitions_owned").await);
+        for i in live {
+            owned.push(fleet.metric(*i, "sync_engine_partitions_owned").await);
         }
-        if owned.iter().sum::<f64>() == f64::from(PARTITIONS) && owned.iter().all(|o| *o >= 5.0) {
-            println!("3 engines balanced: {owned:?}");
-            break;
+        let whole = owned.iter().sum::<f64>() == f64::from(PARTITIONS);
+        if whole && owned.iter().all(|o| *o == low || *o == high) {
+            return owned;
         }
         assert!(
-            Instant::now() < balanced,
+            Instant::now() < deadline,
             "never balanced {owned:?}:\n{}",
             fleet.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
 
-    let users = Load::scaled(500, 10).users;
-    let events = 10;
-    let total = users * events;
-    let started = Instant::now();
-    env.publish_to_existing(both_ways(&env, users, events))
-        .await;
-    payload
-        .wait_accepted(WAIT, |r| distinct(r) >= total / 3)
-        .await;
-    let mut owned = Vec::new();
-    for i in 0..3 {
-        owned.push(fleet.metric(i, "sync_engine_partitions_owned").await);
-    }
-    let victim = (0..3)
-        .max_by(|x, y| owned[*x].total_cmp(&owned[*y]))
-        .unwrap_or(0);
-    let victim_parts: Vec<u32> = fleet
-        .holdings()
-        .iter()
-        .filter(|h| h.member == fleet.engines[victim].member && h.to.is_none())
-        .filter_map(|h| h.partition.parse().ok())
-        .collect();
-    fleet.kill(victim);
-    let killed = Instant::now();
-    fleet.start(&env, "d").await;
-
-    let to_payload = payload.wait_accepted(WAIT, |r| distinct(r) >= total).await;
-    let to_better_auth = better_auth
-        .wait_accepted(WAIT, |r| distinct(r) >= total)
-        .await;
-    let elapsed = started.elapsed();
-    for (side, accepted, user) in [
-        ("payload", &to_payload, "betterAuthUserId"),
-        ("better-auth", &to_better_auth, "id"),
-    ] {
-        let verdict = Verdict::by(accepted, user);
+/// Every event of [`both_ways`] delivered, each user's in order, on both sides.
+fn check_both_ways(
+    to_payload: &[Received],
+    to_better_auth: &[Received],
+    total: usize,
+) -> (Verdict, Verdict) {
+    let verdicts = (
+        Verdict::by(to_payload, "betterAuthUserId"),
+        Verdict::by(to_better_auth, "id"),
+    );
+    for (side, verdict) in [("payload", &verdicts.0), ("better-auth", &verdicts.1)] {
         assert_eq!(verdict.delivered, total, "{side}: {verdict:?}");
         assert_eq!(verdict.order_violations, 0, "{side}: {verdict:?}");
-        println!("{side}: {verdict:?}");
     }
-    let holdings = fleet.assert_one_owner_at_a_time();
-    let mut changes: BTreeMap<&str, usize> = BTreeMap::new();
-    for h in &holdings {
-        *changes.entry(&h.member).or_default() += 1;
-    }
-    let mut end = Vec::new();
-    for i in 0..fleet.engines.len() {
-        if i != victim {
-            end.push(fleet.metric(i, "sync_engine_partitions_owned").await);
-        }
-    }
-    assert_eq!(end.iter().sum::<f64>(), f64::from(PARTITIONS), "{end:?}");
-    assert!(end.iter().all(|o| *o == 5.0 || *o == 6.0), "{end:?}");
-    let mut handovers: Vec<Duration> = victim_parts
+    verdicts
+}
+
+/// Per partition of `parts`: the last delivery before `cut` to the first after, either side.
+fn handovers(
+    to_payload: &[Received],
+    to_better_auth: &[Received],
+    parts: &[u32],
+    cut: Instant,
+) -> Vec<Duration> {
+    let mut gaps: Vec<Duration> = parts
         .iter()
         .filter_map(|p| {
             let of = |r: &Received| partition(r) == *p;
-            let a = gap(&to_payload, killed, of);
-            let b = gap(&to_better_auth, killed, of);
+            let a = gap(to_payload, cut, of);
+            let b = gap(to_better_auth, cut, of);
             a.into_iter().chain(b).min()
         })
         .collect();
-    handovers.sort();
+    gaps.sort();
+    gaps
+}
+
+/// The partitions engine `index` holds now, from its log.
+fn held_by(fleet: &Fleet, index: usize) -> Vec<u32> {
+    fleet
+        .holdings()
+        .iter()
+        .filter(|h| h.member == fleet.engines[index].member && h.to.is_none())
+        .filter_map(|h| h.partition.parse().ok())
+        .collect()
+}
+
+/// Both receivers once every event of [`both_ways`] arrived; the engines' lease and warning
+/// lines if that never happens.
+async fn all_delivered(
+    world: &World,
+    fleet: &Fleet,
+    total: usize,
+) -> (Vec<Received>, Vec<Received>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let to_payload = world.payload.accepted();
+        let to_better_auth = world.better_auth.accepted();
+        if distinct(&to_payload) >= total && distinct(&to_better_auth) >= total {
+            return (to_payload, to_better_auth);
+        }
+        if Instant::now() > deadline {
+            let lines: Vec<&str> = Vec::new();
+            let logs = fleet.logs();
+            let notable: Vec<&str> = logs
+                .lines()
+                .filter(|l| {
+                    l.starts_with("---")
+                        || l.contains("WARN")
+                        || l.contains("ERROR")
+                        || l.contains("Lease")
+                })
+                .chain(lines)
+                .collect();
+            panic!(
+                "{} of {total} to Payload, {} to Better Auth:\n{}",
+                distinct(&to_payload),
+                distinct(&to_better_auth),
+                notable.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_share_partitions_and_hand_them_over_in_order() {
+    let world = partitioned_world("sync_cluster").await;
+    let env = &world.env;
+    let mut fleet = Fleet::default();
+    for member in ["a", "b", "c"] {
+        fleet.start(env, member).await;
+    }
+    let owned = balanced(&fleet, &[0, 1, 2]).await;
+
+    let users = Load::scaled(500, 10).users;
+    let total = users * 10;
+    let started = Instant::now();
+    env.publish_to_existing(both_ways(env, users, 10)).await;
+    world
+        .payload
+        .wait_accepted(WAIT, |r| distinct(r) >= total / 3)
+        .await;
+    let victim = (0..3)
+        .max_by(|x, y| owned[*x].total_cmp(&owned[*y]))
+        .unwrap_or(0);
+    let victim_parts = held_by(&fleet, victim);
+    fleet.kill(victim);
+    let killed = Instant::now();
+    fleet.start(env, "d").await;
+
+    let (to_payload, to_better_auth) = all_delivered(&world, &fleet, total).await;
+    let elapsed = started.elapsed();
+    let verdicts = check_both_ways(&to_payload, &to_better_auth, total);
+    let holdings = fleet.assert_one_owner_at_a_time();
+    let mut spans: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in &holdings {
+        *spans.entry(&h.member).or_default() += 1;
+    }
+    let live: Vec<usize> = (0..fleet.engines.len()).filter(|i| *i != victim).collect();
+    let end = balanced(&fleet, &live).await;
+    let gaps = handovers(&to_payload, &to_better_auth, &victim_parts, killed);
     println!(
-        "3 engines, {PARTITIONS} partitions, {} events both ways in {elapsed:.1?} ({:.0}/s); \
-         killed {} holding {:?}; hand-over per partition (last delivery before the kill to the \
-         first after): {handovers:?}; holdings per engine {changes:?}; at the end {end:?}",
+        "3 engines {owned:?}, {PARTITIONS} partitions, {} events both ways in {elapsed:.1?} \
+         ({:.0}/s); killed {} holding {victim_parts:?}; hand-over per partition (last delivery \
+         before the kill to the first after): {gaps:?}; holdings per engine {spans:?}; at the \
+         end {end:?}; repeats {} and {}",
         2 * total,
         (2 * total) as f64 / elapsed.as_secs_f64(),
         fleet.engines[victim].member,
-        victim_parts,
+        verdicts.0.repeats,
+        verdicts.1.repeats,
     );
     drop(fleet);
-    env.cleanup().await;
-    db.drop_database().await;
+    world.env.cleanup().await;
+    world.db.drop_database().await;
+}
+
+/// One engine is cut from PostgreSQL (its relay swallows every byte, the harder case: the server
+/// learns nothing until its own idle timer ends the session) while its partitions have work. It
+/// must stop working on them before another engine can take them, and the others must finish
+/// them in order; once PostgreSQL is back it rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_cut_from_postgres_stops_before_its_partitions_move() {
+    let world = partitioned_world("sync_pgcut").await;
+    let env = &world.env;
+    let relay = Relay::start("127.0.0.1:5432".parse().expect("address")).await;
+    let through_relay = format!("postgres://postgres@{}/{}", relay.addr, world.db.name);
+    let mut fleet = Fleet::default();
+    fleet.start(env, "a").await;
+    fleet.start(env, "b").await;
+    let c = fleet
+        .start_with(env, "c", &[("SYNC_ENGINE__STORE__URL", &through_relay)])
+        .await;
+    balanced(&fleet, &[0, 1, 2]).await;
+
+    let users = Load::scaled(500, 10).users;
+    let total = users * 10;
+    env.publish_to_existing(both_ways(env, users, 10)).await;
+    world
+        .payload
+        .wait_accepted(WAIT, |r| distinct(r) >= total / 3)
+        .await;
+    let cut_parts = held_by(&fleet, c);
+    relay.blackhole();
+    let cut = Instant::now();
+    let cut_wall = SystemTime::now();
+    let (to_payload, to_better_auth) = all_delivered(&world, &fleet, total).await;
+    let verdicts = check_both_ways(&to_payload, &to_better_auth, total);
+    let holdings = fleet.assert_one_owner_at_a_time();
+    let since_cut = |at: SystemTime| at.duration_since(cut_wall).ok();
+    let stopped = holdings
+        .iter()
+        .filter(|h| h.member == "c")
+        .filter_map(|h| since_cut(h.to?))
+        .max();
+    let taken = holdings
+        .iter()
+        .filter(|h| h.member != "c")
+        .filter(|h| {
+            h.partition
+                .parse()
+                .is_ok_and(|p: u32| cut_parts.contains(&p))
+        })
+        .filter_map(|h| since_cut(h.from))
+        .max();
+    assert!(
+        stopped.is_some() && taken.is_some(),
+        "c stopped and its partitions moved:\n{}",
+        fleet.logs()
+    );
+    let gaps = handovers(&to_payload, &to_better_auth, &cut_parts, cut);
+    relay.restore();
+    let rejoined = balanced(&fleet, &[0, 1, 2]).await;
+    println!(
+        "PostgreSQL black-holed for c holding {cut_parts:?}: c stopped its work {stopped:?} after \
+         the cut, the last of its partitions was taken {taken:?} after it; delivery gaps per \
+         partition {gaps:?}; repeats {} and {}; after the restore {rejoined:?}",
+        verdicts.0.repeats, verdicts.1.repeats,
+    );
+    drop(fleet);
+    world.env.cleanup().await;
+    world.db.drop_database().await;
 }

@@ -15,6 +15,14 @@ use sqlx::{Connection, Postgres, Transaction};
 /// The whole, unpartitioned stream pair, as a partition number.
 pub const WHOLE: i32 = -1;
 
+/// How long an acquisition waits for the lease row: a save of the previous holder may hold it
+/// for share until the server ends that holder's frozen transaction
+/// (`store::IDLE_IN_TRANSACTION_MAX`); the acquisition is tried again next round.
+const LOCK_WAIT_MAX: Duration = Duration::from_millis(500);
+
+/// SQLSTATE `lock_not_available`: `lock_timeout` ran out.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// PostgreSQL 14 brought `idle_session_timeout`, which the leases rest on.
 const SERVER_VERSION_MIN: i32 = 140_000;
 
@@ -73,7 +81,13 @@ impl PgLeases {
     ) -> Result<PgLeases, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?
             .application_name(&format!("sync-engine lease {member}"))
-            .options([("idle_session_timeout", idle_timeout.as_millis().to_string())]);
+            .options([
+                ("idle_session_timeout", idle_timeout.as_millis().to_string()),
+                // A bump that waits for a row lock gives up rather than hold the session.
+                ("lock_timeout", LOCK_WAIT_MAX.as_millis().to_string()),
+                // A session whose client went away ends even in the middle of a statement.
+                ("client_connection_check_interval", "1000".to_string()),
+            ]);
         let mut connection = PgConnection::connect_with(&options).await?;
         let version: String = sqlx::query_scalar("SHOW server_version_num")
             .fetch_one(&mut connection)
@@ -153,7 +167,7 @@ impl PgLeases {
         if !locked {
             return Ok(None);
         }
-        let token: i64 = sqlx::query_scalar(
+        let bumped: Result<i64, sqlx::Error> = sqlx::query_scalar(
             "INSERT INTO engine_lease (scope, partition, token, holder, acquired_at) \
              VALUES ($1, $2, 1, $3, now()) ON CONFLICT (scope, partition) DO UPDATE \
              SET token = engine_lease.token + 1, holder = excluded.holder, acquired_at = now() \
@@ -163,7 +177,15 @@ impl PgLeases {
         .bind(partition)
         .bind(&self.member)
         .fetch_one(&mut self.connection)
-        .await?;
+        .await;
+        let token = match bumped {
+            Ok(token) => token,
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                self.unlock(partition).await?;
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
         Ok(Some(Fence {
             scope: self.scope.clone(),
             partition,
@@ -182,9 +204,13 @@ impl PgLeases {
         .bind(fence.token)
         .execute(&mut self.connection)
         .await?;
+        self.unlock(fence.partition).await
+    }
+
+    async fn unlock(&mut self, partition: i32) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT pg_advisory_unlock(hashtext($1), $2)")
             .bind(&self.scope)
-            .bind(fence.partition)
+            .bind(partition)
             .execute(&mut self.connection)
             .await?;
         Ok(())

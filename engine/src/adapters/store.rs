@@ -38,6 +38,12 @@ enum Db {
     Postgres(PgPool),
 }
 
+/// How long the server lets a store session sit idle inside a transaction before it ends it.
+/// A save's statements follow each other at once; a transaction left open longer belongs to an
+/// engine that froze or lost its network, and its row locks (a save holds its partition's
+/// lease row for share) must not outlive it: the next holder's token bump waits for them.
+pub const IDLE_IN_TRANSACTION_MAX: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct SqlStore {
     db: Db,
@@ -123,10 +129,16 @@ impl SqlStore {
                 StateWriter::start(Target::Sqlite(writer, wal)),
             ))
         } else {
+            let options = sqlx::postgres::PgConnectOptions::from_str(url)
+                .map_err(|e| anyhow::anyhow!("store.url is not a usable PostgreSQL URL: {e}"))?
+                .options([(
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_MAX.as_millis().to_string(),
+                )]);
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
+                .connect_with(options)
                 .await
                 .map_err(|e| {
                     anyhow::anyhow!(

@@ -71,6 +71,13 @@ impl Layout {
     }
 }
 
+// A frozen holder's save transaction, which holds its lease row, ends before its lease session
+// does, so the next holder's token bump never waits on it for long.
+const _: () = assert!(
+    crate::adapters::store::IDLE_IN_TRANSACTION_MAX.as_millis()
+        < crate::config::LEASE_TTL_MIN.as_millis() * 3 / 4
+);
+
 /// The coordinator's round: a heartbeat, then releases and acquisitions.
 pub fn round_every(ttl: Duration) -> Duration {
     ttl / 4
@@ -102,6 +109,9 @@ pub trait Works: Send + Sync {
 
     /// Stops `work`: within `grace` letting what is in flight finish, or at once (`None`).
     fn stop(&self, work: Self::Work, grace: Option<Duration>) -> impl Future<Output = ()> + Send;
+
+    /// Whether `work` stopped by itself (its supervisor gave up on a part that kept failing).
+    fn failed(&self, work: &Self::Work) -> bool;
 }
 
 /// The lease figures `/metrics` shows.
@@ -227,13 +237,25 @@ impl<W: Works> Coordinator<W> {
         };
         self.clock.confirm(sent, self.settings.ttl);
         let layout = self.settings.layout;
-        let mine: BTreeSet<u32> = self.held.keys().copied().collect();
         let others: BTreeMap<u32, String> = roster
             .holders
             .iter()
             .filter_map(|(id, holder)| Some((layout.index_of(*id)?, holder.clone())))
-            .filter(|(index, _)| !mine.contains(index))
+            .filter(|(index, _)| !self.held.contains_key(index))
             .collect();
+        let failed: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, (_, work))| self.works.failed(work))
+            .map(|(index, _)| *index)
+            .collect();
+        for index in failed {
+            // Given back rather than kept dead: the next round (here or elsewhere) starts it
+            // afresh from its ack floor.
+            tracing::error!(message = "A partition's work stopped: one of its parts kept failing; giving its lease back.", partition = %self.name(index));
+            self.release(index, every).await;
+        }
+        let mine: BTreeSet<u32> = self.held.keys().copied().collect();
         let plan = balance::plan(&balance::View {
             partitions: layout.count(),
             members: &roster.members,
