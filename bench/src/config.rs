@@ -25,6 +25,10 @@ pub struct ConfigOptions {
     pub user_idle_timeout: String,
     pub max_concurrency: usize,
     pub log_level: String,
+    /// The NATS server (a server of the run's own for partitions: it needs the mapping).
+    pub nats_url: String,
+    /// `cluster.partitions` (0: unpartitioned).
+    pub partitions: u32,
 }
 
 impl Default for ConfigOptions {
@@ -34,6 +38,8 @@ impl Default for ConfigOptions {
             user_idle_timeout: "5m".to_string(),
             max_concurrency: 256,
             log_level: "warn".to_string(),
+            nats_url: NATS_URL.to_string(),
+            partitions: 0,
         }
     }
 }
@@ -87,7 +93,7 @@ impl Setup {
 user_idle_timeout = "{idle}"
 shutdown_grace = "5s"
 [nats]
-url = "{NATS_URL}"
+url = "{nats_url}"
 stream = "{stream}"
 better_auth_subjects = ["b{run}.user.>"]
 payload_subjects = ["b{run}.payload.user.>"]
@@ -109,10 +115,14 @@ secret_env = "{BETTER_AUTH_SECRET_ENV}"
 max_concurrency = {conc}
 [http]
 listen = "{http}"
+[cluster]
+partitions = {partitions}
 [log]
 format = "json"
 level = "{level}"
 "#,
+            nats_url = options.nats_url,
+            partitions = options.partitions,
             idle = options.user_idle_timeout,
             conc = options.max_concurrency,
             level = options.log_level,
@@ -143,27 +153,29 @@ level = "{level}"
         engine::adapters::nats::stream_name_for(&self.stream, origin)
     }
 
-    /// Creates both streams the way the engine would, so events can be published before it runs.
+    /// Creates the streams the way the engine would (each partition's, when partitioned), so
+    /// events can be published before it runs.
     pub async fn ensure_stream(&self, js: &async_nats::jetstream::Context) -> anyhow::Result<()> {
-        for origin in Origin::ALL {
-            let name = self.stream_of(origin);
-            js.get_or_create_stream(async_nats::jetstream::stream::Config {
-                name: name.clone(),
-                subjects: self.subjects(origin),
-                storage: async_nats::jetstream::stream::StorageType::File,
-                duplicate_window: std::time::Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("create stream {name}: {e}"))?;
-        }
-        Ok(())
+        let config = engine::config::Config::load(Some(&self.config_path), Vec::new())
+            .map_err(|e| anyhow::anyhow!("the run's configuration: {e}"))?;
+        engine::adapters::nats::ensure_layout_streams(js, &config).await
     }
 
     /// Deletes the streams (and their consumers) and the run's PostgreSQL database.
     pub async fn cleanup(&self, js: &async_nats::jetstream::Context) {
+        let parts: Vec<Option<u32>> = match self.options.partitions {
+            0 => vec![None],
+            n => (0..n).map(Some).collect(),
+        };
         for origin in Origin::ALL {
-            let _ = js.delete_stream(self.stream_of(origin)).await;
+            for part in &parts {
+                let name = format!(
+                    "{}{}",
+                    self.stream_of(origin),
+                    part.map(|p| format!("_P{p}")).unwrap_or_default()
+                );
+                let _ = js.delete_stream(name).await;
+            }
         }
         if let Some(name) = &self.postgres_db {
             if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {

@@ -35,13 +35,30 @@ pub struct EngineProcess {
 impl EngineProcess {
     /// Spawns `<binary> run --config <cfg>` with a clean environment and waits for `/readyz`.
     pub async fn start(binary: &Path, setup: &Setup) -> anyhow::Result<EngineProcess> {
+        Self::start_member(binary, setup, None).await
+    }
+
+    /// [`EngineProcess::start`] of one of several engines on the same setup: member `n` gets
+    /// its own name, `/metrics` address and log.
+    pub async fn start_member(
+        binary: &Path,
+        setup: &Setup,
+        member: Option<usize>,
+    ) -> anyhow::Result<EngineProcess> {
         if !binary.exists() {
             bail!(
                 "engine binary {} is missing (cargo build --release -p engine)",
                 binary.display()
             );
         }
-        let log_path = setup.dir.path().join("engine.log");
+        let suffix = member.map(|n| format!("-{n}")).unwrap_or_default();
+        let http = match member {
+            Some(_) => std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("a free port")?,
+            None => setup.http,
+        };
+        let log_path = setup.dir.path().join(format!("engine{suffix}.log"));
         let log = std::fs::File::create(&log_path).context("engine log file")?;
         let mut command = Command::new(binary);
         command.env_clear();
@@ -54,6 +71,11 @@ impl EngineProcess {
             if name.starts_with("SYNC_ENGINE__") {
                 command.env(name, value);
             }
+        }
+        if let Some(n) = member {
+            command
+                .env("SYNC_ENGINE__HTTP__LISTEN", http.to_string())
+                .env("SYNC_ENGINE__CLUSTER__MEMBER", format!("bench-{n}"));
         }
         let child = command
             .env(PAYLOAD_SECRET_ENV, BENCH_SECRET)
@@ -68,11 +90,11 @@ impl EngineProcess {
         let mut engine = EngineProcess {
             pid: child.id(),
             child: Some(child),
-            metrics_url: format!("http://{}/metrics", setup.http),
+            metrics_url: format!("http://{http}/metrics"),
             log_path,
             clk_tck: clock_ticks(),
         };
-        let ready = format!("http://{}/readyz", setup.http);
+        let ready = format!("http://{http}/readyz");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(response) = reqwest::get(&ready).await {

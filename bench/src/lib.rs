@@ -27,11 +27,16 @@ pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// Connects to NATS, failing with a clear message when it is not running.
 pub async fn connect_nats() -> anyhow::Result<async_nats::jetstream::Context> {
+    connect_nats_at(NATS_URL).await
+}
+
+/// [`connect_nats`] to the server at `url`.
+pub async fn connect_nats_at(url: &str) -> anyhow::Result<async_nats::jetstream::Context> {
     use anyhow::Context as _;
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(std::time::Duration::from_secs(3))
-        .connect(NATS_URL)
+        .connect(url)
         .await
-        .with_context(|| format!("NATS JetStream must run on {NATS_URL}"))?;
+        .with_context(|| format!("NATS JetStream must run on {url}"))?;
     Ok(async_nats::jetstream::new(client))
 }

@@ -26,6 +26,9 @@ enum Scenario {
     Backends,
     /// Only the raw limits: NATS consume and HTTP POST rates over --users × --events-per-user.
     Limits,
+    /// Several engines (Redis+PostgreSQL, a NATS server of the run's own with the partition
+    /// mapping): one unpartitioned engine, then --engines engines on --partitions partitions.
+    Cluster,
 }
 
 #[derive(Debug, Parser)]
@@ -73,6 +76,12 @@ struct Cli {
     /// Skip the raw limits after a drain.
     #[arg(long)]
     no_limits: bool,
+    /// Engine counts to run (cluster).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    engines: Vec<usize>,
+    /// Partitions (cluster).
+    #[arg(long, default_value_t = 16)]
+    partitions: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,6 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             user_idle_timeout: idle,
             max_concurrency: cli.max_concurrency,
             log_level: "warn".to_string(),
+            ..ConfigOptions::default()
         },
         payload_bytes: cli.payload_bytes,
         stall: Duration::from_secs(cli.stall_secs),
@@ -175,6 +185,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     extra.push_str(&limits_lines(name, &report, &lim));
                 }
                 reports.push(report);
+            }
+        }
+        Scenario::Cluster => {
+            let nats = tests::servers::NatsServer::start(&tests::servers::partition_mapping(
+                cli.partitions,
+            ));
+            let workload = Workload::interleaved(users(10_000), per_user);
+            let mut runs = vec![(0, 1)];
+            runs.extend(cli.engines.iter().map(|k| (cli.partitions, (*k).max(1))));
+            for (partitions, engines) in runs {
+                let mut options = options.clone();
+                options.config.backend = Backend::Postgres;
+                options.config.nats_url = nats.url();
+                options.config.partitions = partitions;
+                let name = match partitions {
+                    0 => "1 engine, unpartitioned".to_string(),
+                    n => format!("{engines} engine(s), {n} partitions"),
+                };
+                reports.push(scenario::cluster_drain(&options, &name, &workload, engines).await?);
             }
         }
         Scenario::Limits => {

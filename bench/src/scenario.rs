@@ -48,7 +48,7 @@ struct World {
 
 impl World {
     async fn new(options: &Options, workload: &Workload) -> anyhow::Result<World> {
-        let js = crate::connect_nats().await?;
+        let js = crate::connect_nats_at(&options.config.nats_url).await?;
         let tracker = Tracker::new(workload.events(), workload.users);
         let receiver = Receiver::start(tracker.clone()).await?;
         let setup = Setup::new(receiver.addr, options.config.clone()).await?;
@@ -331,6 +331,87 @@ async fn drain_in(
         None
     };
     Ok((report, limits))
+}
+
+/// `engines` engines as separate processes share the work (they hold leases in the run's
+/// PostgreSQL store); once they hold every partition between them, the whole workload is
+/// published at once and drained. events/s is from the first to the last delivery; CPU and
+/// RSS are the first engine's, the others' CPU is in the notes.
+pub async fn cluster_drain(
+    options: &Options,
+    name: &str,
+    workload: &Workload,
+    engines: usize,
+) -> anyhow::Result<Report> {
+    let mut world = World::new(options, workload).await?;
+    let result = cluster_drain_in(options, name, workload, engines, &mut world).await;
+    world.setup.cleanup(&world.js).await;
+    result
+}
+
+async fn cluster_drain_in(
+    options: &Options,
+    name: &str,
+    workload: &Workload,
+    engines: usize,
+    world: &mut World,
+) -> anyhow::Result<Report> {
+    let events = workload.events();
+    let mut first = EngineProcess::start_member(&options.engine, &world.setup, Some(0)).await?;
+    let mut others = Vec::new();
+    for n in 1..engines {
+        others.push(EngineProcess::start_member(&options.engine, &world.setup, Some(n)).await?);
+    }
+    let leases = options.config.partitions.max(1) as f64;
+    let balanced = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut owned = vec![first.metric_sum("sync_engine_partitions_owned").await?];
+        for engine in &others {
+            owned.push(engine.metric_sum("sync_engine_partitions_owned").await?);
+        }
+        let share = (leases / engines as f64).floor();
+        if owned.iter().sum::<f64>() == leases && owned.iter().all(|o| *o >= share) {
+            eprintln!("{name}: {engines} engine(s) hold {owned:?}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < balanced,
+            "{name}: never balanced: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let load_before = load_1m();
+    let machine_before = machine_now();
+    let first_cpu = first.cpu_seconds();
+    let others_cpu: Vec<f64> = others.iter().map(EngineProcess::cpu_seconds).collect();
+    eprintln!(
+        "{name}: publishing {events} events for {} users",
+        workload.users
+    );
+    let publish_secs = publish_all(&world.js, workload, &mut world.maker, &world.tracker).await?;
+    let mut notes = vec![format!(
+        "{engines} engine(s) on {} partition(s), sharing this machine's cores; published in {publish_secs:.1} s ({:.0}/s) while they ran",
+        options.config.partitions,
+        events as f64 / publish_secs
+    )];
+    wait_delivered(options, &world.tracker, &first, events, &mut notes).await;
+    let spent: Vec<String> = others
+        .iter()
+        .zip(others_cpu)
+        .map(|(engine, before)| format!("{:.1}", engine.cpu_seconds() - before))
+        .collect();
+    if !spent.is_empty() {
+        notes.push(format!("the other engines' CPU s: {}", spent.join(", ")));
+    }
+    for engine in &mut others {
+        engine.stop();
+    }
+    let start = Start {
+        engine_cpu: first_cpu,
+        load: load_before,
+        machine: machine_before,
+    };
+    Ok(finish(name, &world.tracker, &mut first, events, start, notes).await)
 }
 
 /// The engine runs first; events are published open-loop at `rate`/s for `seconds` s over

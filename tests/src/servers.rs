@@ -224,6 +224,23 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The server `mappings` block for the test and bench subjects (`<run>.user.<type>.<token>` and
+/// `<run>.payload.user.<type>.<token>`, whatever the run's prefix): the partition of the user
+/// token among `partitions`, as `[cluster] partitions` expects (README: "Running several
+/// engines").
+pub fn partition_mapping(partitions: u32) -> String {
+    let map = |prefix: &str| {
+        format!(
+            "  \"*.{prefix}*.*\": \"{{{{wildcard(1)}}}}.{prefix}{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}.{{{{partition({partitions},3)}}}}\"\n"
+        )
+    };
+    format!(
+        "mappings = {{\n{}{}}}\n",
+        map("user."),
+        map("payload.user.")
+    )
+}
+
 /// A nats-server of the test's own, with JetStream, on a free port; killed on drop.
 ///
 /// Why: tests of TLS and authentication need a server with a `tls {}` or `authorization {}`

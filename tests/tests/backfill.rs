@@ -104,9 +104,11 @@ async fn assert_published_once(env: &TestEnv, users: &[BaUser]) {
         }
         assert_eq!(body["data"], expected, "{body}");
     }
-    // An id with dots: hashed event id, no user token in the subject.
+    // An id with dots: hashed event id, and the hashed user token (PROTOCOL.md §1, Partitions).
     let (subject, body) = find(&users[7].id);
-    assert_eq!(subject, &format!("t{}.user.created", env.id));
+    let token = protocol::partition::subject_token(&users[7].id);
+    assert!(token.starts_with('h'), "{token}");
+    assert_eq!(subject, &format!("t{}.user.created.{token}", env.id));
     let event_id = body["id"].as_str().expect("event id");
     assert!(event_id.starts_with("backfill-sha256:"), "{event_id}");
 }

@@ -15,7 +15,7 @@ use tests::fleet::Fleet;
 use tests::load::{distinct, Load, Verdict};
 use tests::receiver::{Received, Receiver};
 use tests::relay::Relay;
-use tests::servers::NatsServer;
+use tests::servers::{partition_mapping, NatsServer};
 use tests::user_tables::PgDatabase;
 use tests::TEST_SECRET;
 
@@ -100,15 +100,6 @@ async fn a_standby_waits_and_takes_over_after_a_kill() {
     db.drop_database().await;
 }
 
-/// The server's mapping for the test's subjects (`t<id>.user.…`, `t<id>.payload.user.…`):
-/// the same partition function as the engine's, on the user token.
-fn mapping() -> String {
-    format!(
-        "mappings = {{\n  \"*.user.*.*\": \"{{{{wildcard(1)}}}}.user.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}.{{{{partition({PARTITIONS},3)}}}}\"\n  \
-         \"*.payload.user.*.*\": \"{{{{wildcard(1)}}}}.payload.user.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}.{{{{partition({PARTITIONS},3)}}}}\"\n}}\n"
-    )
-}
-
 /// `users` users per direction, `events` changes each: Better Auth's `a<u>` and Payload's
 /// `p<u>`, published round by round.
 fn both_ways(env: &TestEnv, users: usize, events: usize) -> Vec<(String, String, Vec<u8>)> {
@@ -158,7 +149,7 @@ struct World {
 }
 
 async fn partitioned_world(prefix: &str) -> World {
-    let nats = NatsServer::start(&mapping());
+    let nats = NatsServer::start(&partition_mapping(PARTITIONS));
     let client = async_nats::connect(nats.url()).await.expect("test NATS");
     let db = PgDatabase::create(prefix).await;
     let payload = Receiver::start(TEST_SECRET).await;
