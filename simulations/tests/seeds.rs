@@ -131,10 +131,16 @@ fn heavy_seeds() {
 /// Seeds outside the sweep that once found a bug, kept as regressions (the sweep's own range
 /// keeps those it found: 608 and 771, a resync request's delivery id reused for other content;
 /// 1, 6, 33 and others, a deletion brought back by a late delivery).
-const REGRESSIONS: [(u64, &str); 1] = [(
-    8913,
-    "a restored line's hold lost with its actor: a dead run's late request landed after newer deliveries",
-)];
+const REGRESSIONS: [(u64, &str); 2] = [
+    (
+        8913,
+        "a restored line's hold lost with its actor: a dead run's late request landed after newer deliveries",
+    ),
+    (
+        12783,
+        "a late echo (held messages returned by a failed actor) did not backdate: a later edit of the other side lost",
+    ),
+];
 
 #[test]
 fn regression_seeds() {

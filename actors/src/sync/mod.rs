@@ -548,6 +548,14 @@ impl SyncState {
             && self.take_echo(event.origin, event.fields, policy.faults.echo_last_only)
         {
             self.record.remember(event.id);
+            // A late echo (redelivered after newer events of its side) still tells that its
+            // side held these values at its commit time: a write first seen in a newer
+            // snapshot moves back, or a later edit of the other side would lose to it.
+            let applied = self.side(event.origin).applied_sequence;
+            if event.sequence > 0 && event.sequence < applied {
+                self.record
+                    .backdate(event.origin, event.timestamp_ms, event.fields);
+            }
             return Verdict::Echo;
         }
         let skew = policy.clock_skew_ms;
