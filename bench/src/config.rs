@@ -115,14 +115,16 @@ secret_env = "{BETTER_AUTH_SECRET_ENV}"
 max_concurrency = {conc}
 [http]
 listen = "{http}"
-[cluster]
-partitions = {partitions}
-[log]
+{cluster}[log]
 format = "json"
 level = "{level}"
 "#,
             nats_url = options.nats_url,
-            partitions = options.partitions,
+            // Left out unpartitioned, so an engine from before [cluster] runs the same file.
+            cluster = match options.partitions {
+                0 => String::new(),
+                n => format!("[cluster]\npartitions = {n}\n"),
+            },
             idle = options.user_idle_timeout,
             conc = options.max_concurrency,
             level = options.log_level,

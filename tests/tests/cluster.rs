@@ -20,6 +20,11 @@ use tests::user_tables::PgDatabase;
 use tests::TEST_SECRET;
 
 const WAIT: Duration = Duration::from_secs(120);
+
+/// How long `total` events may take (a run scaled up by `SYNC_ENGINE_TEST_SCALE` takes longer).
+fn patience(total: usize) -> Duration {
+    WAIT + Duration::from_millis(3 * total as u64)
+}
 const PARTITIONS: u32 = 16;
 
 fn options(store_url: &str, cluster: &str) -> EnvOptions {
@@ -243,7 +248,7 @@ async fn all_delivered(
     fleet: &Fleet,
     total: usize,
 ) -> (Vec<Received>, Vec<Received>) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + patience(total);
     loop {
         let to_payload = world.payload.accepted();
         let to_better_auth = world.better_auth.accepted();
@@ -290,7 +295,7 @@ async fn engines_share_partitions_and_hand_them_over_in_order() {
     env.publish_to_existing(both_ways(env, users, 10)).await;
     world
         .payload
-        .wait_accepted(WAIT, |r| distinct(r) >= total / 3)
+        .wait_accepted(patience(total), |r| distinct(r) >= total / 3)
         .await;
     let victim = (0..3)
         .max_by(|x, y| owned[*x].total_cmp(&owned[*y]))
@@ -350,7 +355,7 @@ async fn an_engine_cut_from_postgres_stops_before_its_partitions_move() {
     env.publish_to_existing(both_ways(env, users, 10)).await;
     world
         .payload
-        .wait_accepted(WAIT, |r| distinct(r) >= total / 3)
+        .wait_accepted(patience(total), |r| distinct(r) >= total / 3)
         .await;
     let cut_parts = held_by(&fleet, c);
     relay.blackhole();

@@ -287,3 +287,56 @@ async fn postgres_json_states_of_earlier_versions_still_load() {
     json_states_of_an_earlier_version_still_load(&url, before).await;
     drop_postgres(&name).await;
 }
+
+/// Leases on PostgreSQL: one holder per partition, a member name once, and a save of a holder
+/// whose lease passed on is refused by the fencing token, while the new holder's commits.
+#[tokio::test]
+async fn a_stale_lease_holder_cannot_save() {
+    use engine::adapters::lease_pg::PgLeases;
+    use std::time::Duration;
+    let (name, url) = fresh_postgres().await;
+    let store = SqlStore::connect(&url)
+        .await
+        .expect("open postgres (migrates)");
+    let idle = Duration::from_secs(30);
+    let mut a = PgLeases::connect(&url, "S", "a", idle).await.expect("a");
+    let mut b = PgLeases::connect(&url, "S", "b", idle).await.expect("b");
+    let twin = PgLeases::connect(&url, "S", "a", idle).await;
+    let refused = twin.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("cluster.member"), "{refused}");
+
+    let fence_a = a.try_acquire(3).await.expect("query").expect("free");
+    assert!(
+        b.try_acquire(3).await.expect("query").is_none(),
+        "held by a"
+    );
+    let roster = b.heartbeat(&[3, 4]).await.expect("roster");
+    assert_eq!(roster.holders.get(&3).map(String::as_str), Some("a"));
+    assert!(!roster.holders.contains_key(&4));
+    let key = UserKey::new("u1");
+    let stale = store.fenced(fence_a.clone()).expect("a postgres store");
+    stale
+        .save_user(&key, &sample_state())
+        .await
+        .expect("a holds it");
+
+    a.release(&fence_a).await.expect("release");
+    let fence_b = b.try_acquire(3).await.expect("query").expect("free again");
+    assert_eq!(fence_b.token, fence_a.token + 1);
+    let error = stale
+        .save_user(&key, &SyncState::default())
+        .await
+        .expect_err("a's lease passed on");
+    assert!(error.to_string().contains("lease lost"), "{error}");
+    let current = store.fenced(fence_b).expect("a postgres store");
+    current
+        .save_user(&key, &sample_state())
+        .await
+        .expect("b holds it");
+    assert_eq!(
+        store.load_user(&key).await.expect("load"),
+        Some(sample_state())
+    );
+    drop((a, b, stale, current, store));
+    drop_postgres(&name).await;
+}
