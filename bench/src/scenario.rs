@@ -234,8 +234,20 @@ pub async fn drain(
     workload: &Workload,
     limits: bool,
 ) -> anyhow::Result<(Report, Option<Limits>)> {
+    in_world(options, workload, async |world| {
+        drain_in(options, name, workload, limits, world).await
+    })
+    .await
+}
+
+/// Runs `run` in a fresh world, and cleans the world up whatever it returns.
+async fn in_world<T>(
+    options: &Options,
+    workload: &Workload,
+    run: impl AsyncFnOnce(&mut World) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let mut world = World::new(options, workload).await?;
-    let result = drain_in(options, name, workload, limits, &mut world).await;
+    let result = run(&mut world).await;
     world.setup.cleanup(&world.js).await;
     result
 }
@@ -343,10 +355,10 @@ pub async fn cluster_drain(
     workload: &Workload,
     engines: usize,
 ) -> anyhow::Result<Report> {
-    let mut world = World::new(options, workload).await?;
-    let result = cluster_drain_in(options, name, workload, engines, &mut world).await;
-    world.setup.cleanup(&world.js).await;
-    result
+    in_world(options, workload, async |world| {
+        cluster_drain_in(options, name, workload, engines, world).await
+    })
+    .await
 }
 
 async fn cluster_drain_in(

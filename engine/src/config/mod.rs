@@ -447,10 +447,7 @@ impl Config {
                 "must be a non-empty name of letters, digits, `_` and `-`".into(),
             ));
         }
-        for (key, subjects) in [
-            ("nats.better_auth_subjects", &self.nats.better_auth_subjects),
-            ("nats.payload_subjects", &self.nats.payload_subjects),
-        ] {
+        for (key, subjects) in self.nats.subjects_by_key() {
             if subjects.is_empty() || subjects.iter().any(|s| s.trim().is_empty()) {
                 return Err(invalid(
                     key,
@@ -640,10 +637,7 @@ impl Config {
                 "partitions need a postgres:// store.url, shared by the engines (it holds their leases and the users' states)".into(),
             ));
         }
-        for (key, subjects) in [
-            ("nats.better_auth_subjects", &self.nats.better_auth_subjects),
-            ("nats.payload_subjects", &self.nats.payload_subjects),
-        ] {
+        for (key, subjects) in self.nats.subjects_by_key() {
             if partition_prefix(subjects).is_none() {
                 return Err(invalid(
                     key,
@@ -673,6 +667,16 @@ impl Config {
             files::certificates("dedup.redis_ca_file", path)?;
         }
         Ok(())
+    }
+}
+
+impl NatsConfig {
+    /// Each application's subjects, with their key.
+    fn subjects_by_key(&self) -> [(&'static str, &Vec<String>); 2] {
+        [
+            ("nats.better_auth_subjects", &self.better_auth_subjects),
+            ("nats.payload_subjects", &self.payload_subjects),
+        ]
     }
 }
 
