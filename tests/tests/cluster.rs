@@ -398,3 +398,35 @@ async fn an_engine_cut_from_postgres_stops_before_its_partitions_move() {
     world.env.cleanup().await;
     world.db.drop_database().await;
 }
+
+/// A partitioned engine refuses to start against a server that does not map its subjects to
+/// the same partitions, and says what the server's configuration needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_same_mapping_is_refused_at_startup() {
+    let db = PgDatabase::create("sync_mapping").await;
+    let eight = NatsServer::start(&partition_mapping(8));
+    for (server, what) in [(None, "no mapping"), (Some(&eight), "8 partitions")] {
+        let payload = Receiver::start(TEST_SECRET).await;
+        let better_auth = Receiver::start(TEST_SECRET).await;
+        let mut opts = options(&db.url, &format!("partitions = {PARTITIONS}\n"));
+        opts.nats_url = server.map(NatsServer::url);
+        let url = opts
+            .nats_url
+            .clone()
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        let client = async_nats::connect(url).await.expect("NATS");
+        let mut env = TestEnv::with_client(&payload.url, &better_auth.url, opts, client);
+        env.spawn_engine();
+        let status = env.wait_engine_exit(Duration::from_secs(30));
+        let log = env.engine_log();
+        let status = status.unwrap_or_else(|| panic!("{what}: the engine runs on:\n{log}"));
+        assert!(!status.success(), "{what}");
+        assert!(
+            log.contains("partition(16,3)") || log.contains("partition(16,2)"),
+            "{what}: the fix is named:\n{log}"
+        );
+        let error = log.lines().find(|l| l.contains("error")).unwrap_or_default();
+        println!("{what}: {error}");
+    }
+    db.drop_database().await;
+}
