@@ -44,9 +44,9 @@ const FETCH_BATCH: usize = 256;
 const IN_FLIGHT_PER_DELIVERY_SLOT: usize = 4;
 
 /// The pipeline's settings from the configuration, for one of `shares` partitions: each gets
-/// its share of `engine.max_in_flight` and of each target's `max_concurrency`, so that the
-/// bounds hold for all of one engine's partitions together (and for all engines together,
-/// once the partitions are spread).
+/// its share of `engine.max_in_flight`, `engine.idle_state_cache_mb` and each target's
+/// `max_concurrency`, so that the bounds hold for all of one engine's partitions together (and
+/// for all engines together, once the partitions are spread).
 pub fn pipeline_settings(config: &Config, secrets: &Secrets, shares: u32) -> PipelineSettings {
     let shares = shares.max(1) as usize;
     let target = |side: Origin| -> Option<TargetSettings> {
@@ -59,7 +59,7 @@ pub fn pipeline_settings(config: &Config, secrets: &Secrets, shares: u32) -> Pip
     let mut settings = PipelineSettings {
         max_in_flight: config.engine.max_in_flight.div_ceil(shares),
         user_idle_timeout: config.engine.user_idle_timeout,
-        idle_cache_bytes: config.engine.idle_state_cache_mb << 20,
+        idle_cache_bytes: (config.engine.idle_state_cache_mb << 20) / shares,
         ack_wait: config.nats.ack_wait,
         max_message_bytes: config.nats.max_message_bytes,
         max_deliver: u64::try_from(config.nats.max_deliver).ok(),
@@ -497,7 +497,27 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::effective_in_flight;
+    use super::{effective_in_flight, pipeline_settings};
+    use crate::config::Config;
+    use protocol::Origin;
+
+    #[test]
+    fn each_partition_gets_its_share_of_the_budgets() {
+        let config = Config::load(None, Vec::new()).expect("the defaults");
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_string();
+        let secrets = config
+            .validate(|name| name.ends_with("_SECRET").then(|| secret.clone()))
+            .expect("valid");
+        let whole = pipeline_settings(&config, &secrets, 1);
+        let part = pipeline_settings(&config, &secrets, 16);
+        assert_eq!(part.idle_cache_bytes, whole.idle_cache_bytes / 16);
+        let concurrency = |s: &actors::settings::PipelineSettings| {
+            s.target(Origin::Payload).map(|t| t.max_concurrency)
+        };
+        assert_eq!(concurrency(&part), Some(16), "256 over 16 partitions");
+        assert_eq!(concurrency(&whole), Some(256));
+        assert_eq!(part.max_in_flight, 256, "at least one fetch batch each");
+    }
 
     #[test]
     fn held_events_follow_the_delivery_slots_within_the_configured_bound() {

@@ -425,7 +425,10 @@ async fn a_server_without_the_same_mapping_is_refused_at_startup() {
             log.contains("partition(16,3)") || log.contains("partition(16,2)"),
             "{what}: the fix is named:\n{log}"
         );
-        let error = log.lines().find(|l| l.contains("error")).unwrap_or_default();
+        let error = log
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or_default();
         println!("{what}: {error}");
     }
     db.drop_database().await;
