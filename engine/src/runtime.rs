@@ -273,6 +273,9 @@ struct Workshop {
     live: server::Live,
 }
 
+/// Consumers by durable name.
+type Named = Vec<(String, async_nats::jetstream::consumer::PullConsumer)>;
+
 /// One partition's work (or the whole stream pair's): its consumers and its actor pipeline.
 struct Work {
     key: i32,
@@ -287,30 +290,7 @@ impl Workshop {
         fence: Option<Fence>,
         clock: Option<LeaseClock>,
     ) -> anyhow::Result<Work> {
-        let nats = &self.config.nats;
-        let streams = nats::ensure_part_streams(&self.js, nats, part).await?;
-        let held_max = self.config.engine.max_in_flight;
-        let mut consumers = Vec::new();
-        for sink in Sink::ALL {
-            let base = nats::part_consumer_name(&nats.durable_prefix, sink.as_str(), part);
-            let stream = streams.of(sink.source());
-            consumers.push((
-                sink,
-                self.consumer(stream, &base, fence.as_ref(), held_max)
-                    .await?,
-            ));
-        }
-        let mirror = match &self.mirror {
-            Some(table) => {
-                let base = nats::part_consumer_name(&nats.durable_prefix, "mirror", part);
-                let stream = streams.of(protocol::Origin::BetterAuth);
-                let consumer = self
-                    .consumer(stream, &base, fence.as_ref(), held_max)
-                    .await?;
-                Some((consumer, table.clone()))
-            }
-            None => None,
-        };
+        let (sources, mirror, named) = self.sources(part, fence.as_ref()).await?;
         let store = match &fence {
             Some(fence) => self
                 .store
@@ -324,26 +304,6 @@ impl Workshop {
                 clock,
             }),
             None => self.http.clone(),
-        };
-        let mut named = Vec::new();
-        let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
-        for (sink, consumer) in &consumers {
-            named.push((consumer.cached_info().name.clone(), consumer.clone()));
-            sources.push((
-                *sink,
-                Arc::new(NatsSource::new(consumer, FETCH_BATCH).await?),
-            ));
-        }
-        let mirror = match mirror {
-            Some((consumer, table)) => {
-                named.push((consumer.cached_info().name.clone(), consumer.clone()));
-                Some(MirrorPorts {
-                    source: Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
-                    store: table,
-                    default_organization_id: self.config.mirror.default_organization_id.clone(),
-                })
-            }
-            None => None,
         };
         let ports = Ports {
             clock: self.clock.clone(),
@@ -365,11 +325,13 @@ impl Workshop {
         let key = fence
             .as_ref()
             .map_or(crate::adapters::lease_pg::WHOLE, |f| f.partition);
+        let in_flight = pipeline.in_flight_gauge();
+        let consumers = named;
         self.live.insert(
             key,
             server::LiveSources {
-                in_flight: pipeline.in_flight_gauge(),
-                consumers: named,
+                in_flight,
+                consumers,
             },
         );
         Ok(Work {
@@ -377,6 +339,47 @@ impl Workshop {
             pipeline,
             store,
         })
+    }
+
+    /// Partition `part`'s streams, and a source on each of its consumers (the mirror's too),
+    /// with the consumers by name for `/metrics`.
+    async fn sources(
+        &self,
+        part: Option<u32>,
+        fence: Option<&Fence>,
+    ) -> anyhow::Result<(
+        Vec<(Sink, Arc<dyn EventSource>)>,
+        Option<MirrorPorts>,
+        Named,
+    )> {
+        let nats = &self.config.nats;
+        let streams = nats::ensure_part_streams(&self.js, nats, part).await?;
+        let held_max = self.config.engine.max_in_flight;
+        let mut named = Vec::new();
+        let mut sources: Vec<(Sink, Arc<dyn EventSource>)> = Vec::new();
+        for sink in Sink::ALL {
+            let base = nats::part_consumer_name(&nats.durable_prefix, sink.as_str(), part);
+            let stream = streams.of(sink.source());
+            let consumer = self.consumer(stream, &base, fence, held_max).await?;
+            sources.push((
+                sink,
+                Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
+            ));
+            named.push((consumer.cached_info().name.clone(), consumer));
+        }
+        let Some(table) = &self.mirror else {
+            return Ok((sources, None, named));
+        };
+        let base = nats::part_consumer_name(&nats.durable_prefix, "mirror", part);
+        let stream = streams.of(protocol::Origin::BetterAuth);
+        let consumer = self.consumer(stream, &base, fence, held_max).await?;
+        let mirror = MirrorPorts {
+            source: Arc::new(NatsSource::new(&consumer, FETCH_BATCH).await?),
+            store: table.clone(),
+            default_organization_id: self.config.mirror.default_organization_id.clone(),
+        };
+        named.push((consumer.cached_info().name.clone(), consumer));
+        Ok((sources, Some(mirror), named))
     }
 
     /// The consumer `base`: taken over under a lease, or found (and recovered) when alone.
