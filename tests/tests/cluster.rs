@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use protocol::partition::{partition_of, subject_token};
 use protocol::{EventType, Origin};
 use serde_json::json;
+use sqlx::Row;
 use tests::env::{now_ms, EnvOptions, TestEnv};
 use tests::fleet::Fleet;
 use tests::load::{distinct, Load, Verdict};
@@ -143,8 +144,35 @@ fn partition(r: &Received) -> u32 {
     partition_of(&subject_token(user), PARTITIONS)
 }
 
-/// A partitioned world: a NATS server of the test's own with the mapping, a store database and
-/// both receivers.
+/// The users mirror's table in a partitioned world: each partition's mirror consumer feeds it.
+const MIRROR: &str = "mirror_users";
+
+/// Every Better Auth user of [`both_ways`] reached the mirror with its last name, whichever
+/// engines held its partition on the way.
+async fn assert_mirrored(world: &World, users: usize, last: usize) {
+    let sql = format!(
+        "select count(*) as n, count(*) filter (where name = 'n{last}') as last from {MIRROR}"
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let row = sqlx::query(&sql)
+            .fetch_one(&world.db.pool)
+            .await
+            .expect("read the mirror");
+        let (n, at_last): (i64, i64) = (row.get("n"), row.get("last"));
+        if n == users as i64 && at_last == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mirror: {at_last} of {n} rows at n{last}, {users} users"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A partitioned world: a NATS server of the test's own with the mapping, a store database (the
+/// mirror's too) and both receivers.
 struct World {
     _nats: NatsServer,
     db: PgDatabase,
@@ -159,7 +187,11 @@ async fn partitioned_world(prefix: &str) -> World {
     let db = PgDatabase::create(prefix).await;
     let payload = Receiver::start(TEST_SECRET).await;
     let better_auth = Receiver::start(TEST_SECRET).await;
-    let mut opts = options(&db.url, &format!("partitions = {PARTITIONS}\n"));
+    let mirror = format!(
+        "[mirror]\nenabled = true\nurl = \"{}\"\ntable = \"{MIRROR}\"\ndefault_organization_id = \"org\"\n",
+        db.url
+    );
+    let mut opts = options(&db.url, &format!("partitions = {PARTITIONS}\n{mirror}"));
     opts.nats_url = Some(nats.url());
     let env = TestEnv::with_client(&payload.url, &better_auth.url, opts, client);
     World {
@@ -308,6 +340,7 @@ async fn engines_share_partitions_and_hand_them_over_in_order() {
     let (to_payload, to_better_auth) = all_delivered(&world, &fleet, total).await;
     let elapsed = started.elapsed();
     let verdicts = check_both_ways(&to_payload, &to_better_auth, total);
+    assert_mirrored(&world, users, 9).await;
     let holdings = fleet.assert_one_owner_at_a_time();
     let mut spans: BTreeMap<&str, usize> = BTreeMap::new();
     for h in &holdings {
