@@ -6,8 +6,9 @@
 //! pure [`balance`] what to release and acquire, and starts or stops each partition's work
 //! through [`Works`]. Timing, all measured on this engine's monotonic clock against the
 //! database's own idle timer (no wall clock is compared):
-//! - a session query answers within ttl/4 or the session is dropped and every partition's
-//!   work is stopped at once, so work stops at most ttl/2 after the last confirmed contact;
+//! - rounds come every ttl/4 (at most 1 s); a session query answers within ttl/4 or the
+//!   session is dropped and every partition's work is stopped at once, so work stops at most
+//!   ttl/2 after the last confirmed contact;
 //! - the server ends a session silent for 3/4 of the ttl, freeing its locks;
 //! - so a partition's work has stopped a quarter of the ttl before anyone else can hold it,
 //!   and deliveries stop even earlier ([`LeaseClock`]); saves are fenced besides.
@@ -78,8 +79,17 @@ const _: () = assert!(
         < crate::config::LEASE_TTL_MIN.as_millis() * 3 / 4
 );
 
+/// Rounds come at most this far apart, whatever the ttl: a round is a few cheap queries, and
+/// it is how soon a dead engine's partitions are taken over, or a lost session replaced.
+pub const ROUND_EVERY_MAX: Duration = Duration::from_secs(1);
+
 /// The coordinator's round: a heartbeat, then releases and acquisitions.
 pub fn round_every(ttl: Duration) -> Duration {
+    answer_within(ttl).min(ROUND_EVERY_MAX)
+}
+
+/// How long a lease session query may take before the session counts as lost.
+pub fn answer_within(ttl: Duration) -> Duration {
     ttl / 4
 }
 
@@ -91,7 +101,8 @@ pub fn idle_session_timeout(ttl: Duration) -> Duration {
 /// Deliveries of a partition stop once the last confirmed contact is this old.
 pub fn deliveries_stop_after(ttl: Duration) -> Duration {
     let after = ttl / 2;
-    assert!(after + round_every(ttl) <= idle_session_timeout(ttl));
+    assert!(round_every(ttl) <= answer_within(ttl));
+    assert!(after + answer_within(ttl) <= idle_session_timeout(ttl));
     after
 }
 
@@ -229,7 +240,7 @@ impl<W: Works> Coordinator<W> {
     }
 
     async fn round(&mut self) {
-        let every = round_every(self.settings.ttl);
+        let every = answer_within(self.settings.ttl);
         let sent = Instant::now();
         let Some(roster) = self.heartbeat().await else {
             self.lose_all().await;
@@ -274,7 +285,7 @@ impl<W: Works> Coordinator<W> {
 
     /// The roster, or `None` once the session is gone (it is dropped: its locks with it).
     async fn heartbeat(&mut self) -> Option<crate::adapters::lease_pg::Roster> {
-        let every = round_every(self.settings.ttl);
+        let every = answer_within(self.settings.ttl);
         if self.session.is_none() {
             // Work only ever runs under a lock of the session it was started in.
             assert!(self.held.is_empty(), "work held without a lease session");
