@@ -22,6 +22,10 @@ use tests::TEST_SECRET;
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// One test of several engines at a time: each engine opens up to 21 PostgreSQL connections,
+/// and two such tests side by side would exhaust the shared server's 100.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How long `total` events may take (a run scaled up by `SYNC_ENGINE_TEST_SCALE` takes longer).
 fn patience(total: usize) -> Duration {
     WAIT + Duration::from_millis(3 * total as u64)
@@ -53,6 +57,7 @@ fn gap(accepted: &[Received], cut: Instant, of: impl Fn(&Received) -> bool) -> O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_waits_and_takes_over_after_a_kill() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let db = PgDatabase::create("sync_standby").await;
     let payload = Receiver::start(TEST_SECRET).await;
     let better_auth = Receiver::start(TEST_SECRET).await;
@@ -313,6 +318,7 @@ async fn all_delivered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_share_partitions_and_hand_them_over_in_order() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let world = partitioned_world("sync_cluster").await;
     let env = &world.env;
     let mut fleet = Fleet::default();
@@ -371,6 +377,7 @@ async fn engines_share_partitions_and_hand_them_over_in_order() {
 /// them in order; once PostgreSQL is back it rejoins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_cut_from_postgres_stops_before_its_partitions_move() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let world = partitioned_world("sync_pgcut").await;
     let env = &world.env;
     let relay = Relay::start("127.0.0.1:5432".parse().expect("address")).await;
@@ -436,6 +443,7 @@ async fn an_engine_cut_from_postgres_stops_before_its_partitions_move() {
 /// the same partitions, and says what the server's configuration needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_the_same_mapping_is_refused_at_startup() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let db = PgDatabase::create("sync_mapping").await;
     let eight = NatsServer::start(&partition_mapping(8));
     for (server, what) in [(None, "no mapping"), (Some(&eight), "8 partitions")] {
