@@ -12,7 +12,8 @@ CREATE TABLE IF NOT EXISTS engine_lease (
     PRIMARY KEY (scope, partition)
 );
 
--- Live engines: each one's heartbeat, in the database's own clock.
+-- Engines by name (a member is alive while its session holds its member lock), and when each
+-- last opened its lease session.
 CREATE TABLE IF NOT EXISTS engine_member (
     scope   TEXT NOT NULL,
     member  TEXT NOT NULL,

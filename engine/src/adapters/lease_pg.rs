@@ -109,6 +109,15 @@ impl PgLeases {
                 "cluster.member: another live engine is named {member:?}; each engine needs a name of its own"
             )));
         }
+        // The name, for the others' rosters; whether it is alive is its lock, not this row.
+        sqlx::query(
+            "INSERT INTO engine_member (scope, member, seen_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (scope, member) DO UPDATE SET seen_at = now()",
+        )
+        .bind(scope)
+        .bind(member)
+        .execute(&mut connection)
+        .await?;
         Ok(PgLeases {
             connection,
             scope: scope.to_string(),
@@ -116,19 +125,11 @@ impl PgLeases {
         })
     }
 
-    /// Marks this engine alive and reads the roster. Liveness is read from the locks
-    /// themselves: an engine is a member while its session holds its member lock, and a
-    /// partition is held while some session holds its lock, so a killed engine (its session
-    /// closed with its socket) is gone at once, not after a timeout.
+    /// Reads the roster; the query itself keeps the session from going idle. Liveness is read
+    /// from the locks themselves: an engine is a member while its session holds its member
+    /// lock, and a partition is held while some session holds its lock, so a killed engine
+    /// (its session closed with its socket) is gone at once, not after a timeout.
     pub async fn heartbeat(&mut self, partitions: &[i32]) -> Result<Roster, sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO engine_member (scope, member, seen_at) VALUES ($1, $2, now()) \
-             ON CONFLICT (scope, member) DO UPDATE SET seen_at = now()",
-        )
-        .bind(&self.scope)
-        .bind(&self.member)
-        .execute(&mut self.connection)
-        .await?;
         let members: Vec<String> = sqlx::query_scalar(
             "SELECT m.member FROM engine_member m WHERE m.scope = $1 AND EXISTS ( \
                SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
@@ -193,17 +194,9 @@ impl PgLeases {
         }))
     }
 
-    /// Gives `fence`'s partition up (its work already stopped).
+    /// Gives `fence`'s partition up (its work already stopped). Its row keeps the last
+    /// holder's name: a roster lists only partitions whose lock is held.
     pub async fn release(&mut self, fence: &Fence) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE engine_lease SET holder = '' \
-             WHERE scope = $1 AND partition = $2 AND token = $3",
-        )
-        .bind(&fence.scope)
-        .bind(fence.partition)
-        .bind(fence.token)
-        .execute(&mut self.connection)
-        .await?;
         self.unlock(fence.partition).await
     }
 

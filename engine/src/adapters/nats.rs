@@ -187,9 +187,9 @@ fn part_subjects(config: &NatsConfig, origin: Origin, part: Option<u32>) -> Vec<
     let (Some(p), Some(prefix)) = (part, crate::config::partition_prefix(subjects)) else {
         return subjects.to_vec();
     };
-    ["created", "updated", "deleted", "resync"]
+    protocol::EventType::ALL
         .iter()
-        .map(|verb| format!("{prefix}.{verb}.*.{p}"))
+        .map(|t| format!("{prefix}.{}.*.{p}", t.verb()))
         .collect()
 }
 
@@ -542,14 +542,11 @@ pub async fn take_over_consumer(
     let mut start: Option<u64> = None;
     let mut names = stream.consumer_names();
     let mut earlier = Vec::new();
+    let leased = format!("{base}-t");
     while let Some(found) = names.next().await {
         let found =
             found.map_err(|e| anyhow::anyhow!("cannot list the consumers of {base}: {e}"))?;
-        if found == base
-            || found
-                .strip_prefix(&format!("{base}-t"))
-                .is_some_and(is_digits)
-        {
+        if found == base || found.strip_prefix(&leased).is_some_and(is_digits) {
             earlier.push(found);
         }
     }
