@@ -240,6 +240,20 @@ pub async fn drain(
     .await
 }
 
+/// Publishes the whole workload into the world's streams; the seconds it took.
+async fn publish_workload(
+    name: &str,
+    workload: &Workload,
+    world: &mut World,
+) -> anyhow::Result<f64> {
+    let events = workload.events();
+    eprintln!(
+        "{name}: publishing {events} events for {} users",
+        workload.users
+    );
+    publish_all(&world.js, workload, &mut world.maker, &world.tracker).await
+}
+
 /// Runs `run` in a fresh world, and cleans the world up whatever it returns.
 async fn in_world<T>(
     options: &Options,
@@ -260,11 +274,7 @@ async fn drain_in(
     world: &mut World,
 ) -> anyhow::Result<(Report, Option<Limits>)> {
     let events = workload.events();
-    eprintln!(
-        "{name}: publishing {events} events for {} users",
-        workload.users
-    );
-    let publish_secs = publish_all(&world.js, workload, &mut world.maker, &world.tracker).await?;
+    let publish_secs = publish_workload(name, workload, world).await?;
     let mut notes = vec![format!(
         "published in {publish_secs:.1} s ({:.0}/s) before the engine started; latency includes the wait in the backlog",
         events as f64 / publish_secs
@@ -396,11 +406,7 @@ async fn cluster_drain_in(
     let machine_before = machine_now();
     let first_cpu = first.cpu_seconds();
     let others_cpu: Vec<f64> = others.iter().map(EngineProcess::cpu_seconds).collect();
-    eprintln!(
-        "{name}: publishing {events} events for {} users",
-        workload.users
-    );
-    let publish_secs = publish_all(&world.js, workload, &mut world.maker, &world.tracker).await?;
+    let publish_secs = publish_workload(name, workload, world).await?;
     let mut notes = vec![format!(
         "{engines} engine(s) on {} partition(s), sharing this machine's cores; published in {publish_secs:.1} s ({:.0}/s) while they ran",
         options.config.partitions,

@@ -73,6 +73,18 @@ pub enum EventType {
 }
 
 impl EventType {
+    pub const ALL: [EventType; 4] = [
+        EventType::Created,
+        EventType::Updated,
+        EventType::Deleted,
+        EventType::Resync,
+    ];
+
+    /// Its subject token: `created`, `updated`, `deleted` or `resync` (PROTOCOL.md §1).
+    pub fn verb(self) -> &'static str {
+        self.as_str().trim_start_matches("user.")
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Created => "user.created",

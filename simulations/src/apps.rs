@@ -168,7 +168,7 @@ impl SimApp {
     }
 
     fn subject(&self, ty: EventType, user: &str) -> String {
-        let verb = ty.as_str().trim_start_matches("user.");
+        let verb = ty.verb();
         match self.side {
             Origin::BetterAuth => format!("user.{verb}.{user}"),
             Origin::Payload => format!("payload.user.{verb}.{user}"),

@@ -308,7 +308,7 @@ level = "info"
 
     /// The subject an application publishes on.
     pub fn subject(&self, origin: Origin, event_type: EventType, user: &str) -> String {
-        let verb = event_type.as_str().trim_start_matches("user.");
+        let verb = event_type.verb();
         match origin {
             Origin::BetterAuth => format!("t{}.user.{verb}.{user}", self.id),
             Origin::Payload => format!("t{}.payload.user.{verb}.{user}", self.id),

@@ -186,6 +186,15 @@ struct World {
     env: TestEnv,
 }
 
+impl World {
+    /// Stops the engines, then removes the streams and the database.
+    async fn finish(self, fleet: Fleet) {
+        drop(fleet);
+        self.env.cleanup().await;
+        self.db.drop_database().await;
+    }
+}
+
 async fn partitioned_world(prefix: &str) -> World {
     let nats = NatsServer::start(&partition_mapping(PARTITIONS));
     let client = async_nats::connect(nats.url()).await.expect("test NATS");
@@ -366,9 +375,7 @@ async fn engines_share_partitions_and_hand_them_over_in_order() {
         verdicts.0.repeats,
         verdicts.1.repeats,
     );
-    drop(fleet);
-    world.env.cleanup().await;
-    world.db.drop_database().await;
+    world.finish(fleet).await;
 }
 
 /// One engine is cut from PostgreSQL (its relay swallows every byte, the harder case: the server
@@ -434,9 +441,7 @@ async fn an_engine_cut_from_postgres_stops_before_its_partitions_move() {
          partition {gaps:?}; repeats {} and {}; after the restore {rejoined:?}",
         verdicts.0.repeats, verdicts.1.repeats,
     );
-    drop(fleet);
-    world.env.cleanup().await;
-    world.db.drop_database().await;
+    world.finish(fleet).await;
 }
 
 /// A partitioned engine refuses to start against a server that does not map its subjects to

@@ -82,7 +82,7 @@ pub fn subject_base(config: &Config, origin: Origin, event_type: EventType) -> S
         .first()
         .map(|p| p.trim_end_matches(".>").trim_end_matches(".*"))
         .unwrap_or("user");
-    let verb = event_type.as_str().trim_start_matches("user.");
+    let verb = event_type.verb();
     format!("{base}.{verb}")
 }
 
